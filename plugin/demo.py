@@ -1,0 +1,181 @@
+"""``cmr-ai demo``: the whole path once, on the embedded defaults.
+
+Generates a synthetic cardiac study, starts ``cmr-ai serve`` on a free port (with its
+embedded Celery worker), sends the study over real C-STORE (dcmtk's storescu when
+installed, else pynetdicom), waits for the job and prints the findings with their
+probabilities, the impression and where the SR and SC were written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(workdir: Path, port: int, out_dir: Path) -> Path:
+    cfg = workdir / "config.yaml"
+    cfg.write_text(f"""# written by `cmr-ai demo`
+node: {{ae_title: CMR_AI, host: 127.0.0.1, port: {port}}}
+storage: {{path: {workdir / 'dicom'}}}
+database: {{url: "sqlite:///{workdir / 'cmr-ai.db'}"}}
+queue: {{broker: embedded}}
+models: {{demo: {{path: demo}}}}
+destinations:
+  results: {{folder: {out_dir}}}
+rules:
+  - name: cardiac-mr
+    match: {{Modality: MR, StudyDescription: "(?i)card|heart|cmr"}}
+    stable_after: 2
+    template: cmr_standard
+    model: demo
+    send_to: [results]
+  - {{name: everything-else, match: {{}}, action: ignore}}
+""")
+    return cfg
+
+
+def send_study(port: int, study_dir: Path, aet: str = "DEMO_SCANNER") -> str:
+    """C-STORE every file of ``study_dir`` to the node; returns which sender was used."""
+    if Path("/usr/bin/storescu").exists():
+        cmd = ["/usr/bin/storescu", "-aet", aet, "-aec", "CMR_AI", "+sd", "+r", "-R", "-xs",
+               "127.0.0.1", str(port), str(study_dir)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"storescu failed ({r.returncode}): {r.stderr[-2000:]}")
+        return "dcmtk storescu"
+    from pydicom import dcmread
+    from pynetdicom import AE
+    from pynetdicom.presentation import StoragePresentationContexts
+
+    ae = AE(ae_title=aet)
+    ae.requested_contexts = StoragePresentationContexts[:120]
+    assoc = ae.associate("127.0.0.1", port, ae_title="CMR_AI")
+    if not assoc.is_established:
+        raise RuntimeError("association with the node was not established")
+    try:
+        for p in sorted(study_dir.rglob("*.dcm")):
+            st = assoc.send_c_store(dcmread(p))
+            if not st or st.Status != 0:
+                raise RuntimeError(f"C-STORE of {p} failed: {st}")
+    finally:
+        assoc.release()
+    return "pynetdicom"
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the node exited with {proc.returncode} before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"the node did not listen on port {port} within {timeout:.0f} s")
+
+
+def run_demo(workdir: str | Path = "./var/demo", *, keep_running: bool = False, verbose: bool = False,
+             timeout: float = 900) -> int:
+    from plugin import db
+    from plugin.config import load_settings
+    from plugin.phantom import write_study
+    from worker.demo_model import resolve_model_path
+
+    t_start = time.monotonic()
+    workdir = Path(workdir).resolve()
+    for sub in ("dicom", "out", "study", "results", "bundles"):
+        shutil.rmtree(workdir / sub, ignore_errors=True)
+    for f in ("cmr-ai.db", "cmr-ai.db-wal", "cmr-ai.db-shm", "celery-broker.sqlite", "node.log"):
+        (workdir / f).unlink(missing_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    out_dir = workdir / "out"
+    port = free_port()
+    cfg = write_config(workdir, port, out_dir)
+    settings = load_settings(cfg)
+
+    with console.status("building the tiny demo model (once; cached)…"):
+        model_dir = resolve_model_path("demo")
+    console.print(f"[green]✓[/] demo model: {model_dir}")
+    with console.status("writing a synthetic cardiac MR study…"):
+        truth = write_study(workdir / "study", style="siemens", seed=7)
+    n_files = sum(1 for _ in (workdir / "study").rglob("*.dcm"))
+    console.print(f"[green]✓[/] phantom study: {n_files} instances, EF {truth.ef:.2f} "
+                  f"(study {truth.study_instance_uid})")
+
+    log = open(workdir / "node.log", "w")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    node = subprocess.Popen([sys.executable, "-m", "plugin.cli", "serve", "--config", str(cfg)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        with console.status(f"starting the node on port {port}…"):
+            _wait_port(port, node)
+        console.print(f"[green]✓[/] node listening on 127.0.0.1:{port} (log: {workdir / 'node.log'})")
+        t_send = time.monotonic()
+        with console.status("sending the study over C-STORE…"):
+            sender = send_study(port, workdir / "study")
+        console.print(f"[green]✓[/] sent with {sender} in {time.monotonic() - t_send:.1f} s")
+        job = None
+        with console.status("waiting for the study to complete and the job to run…") as status:
+            end = time.monotonic() + timeout
+            while time.monotonic() < end:
+                if node.poll() is not None:
+                    raise RuntimeError(f"the node exited with {node.returncode}; see {workdir / 'node.log'}")
+                with db.session_scope(settings.database.url) as s:
+                    from sqlalchemy import select
+
+                    job = s.scalar(select(db.Job).order_by(db.Job.id.desc()).limit(1))
+                    if job is not None:
+                        status.update(f"job {job.id}: {job.state.value}…")
+                        if job.state.finished:
+                            exports = [(e.kind, e.destination, e.path, e.state.value) for e in job.exports]
+                            break
+                time.sleep(0.5)
+            else:
+                raise RuntimeError(f"no finished job after {timeout:.0f} s; see {workdir / 'node.log'}")
+        elapsed = time.monotonic() - t_send
+        if job.state != db.JobState.DONE:
+            console.print(f"[red]✗ job {job.id} {job.state.value}: {job.error}[/]")
+            return 1
+        result = json.loads(job.result_json)
+        table = Table(title=f"AI DRAFT — unverified (model {result['model']} {result['model_fingerprint']}, "
+                            f"{result['device']}, {result['quantization']})")
+        table.add_column("finding")
+        table.add_column("answer")
+        table.add_column("p", justify="right")
+        table.add_column("all options")
+        for f in result["findings"]:
+            probs = ", ".join(f"{k} {v:.2f}" for k, v in f["probabilities"].items())
+            table.add_row(f["id"], f["answer"], f"{f['probabilities'][f['answer']]:.2f}", probs)
+        console.print(table)
+        console.print(f"[bold]Impression (AI draft):[/] {result.get('impression') or '(none)'}")
+        for kind, dest, path, state in exports:
+            written = out_dir / truth.study_instance_uid
+            console.print(f"  {kind:8s} → {dest} ({state}): {path}")
+        console.print(f"  objects in the destination folder: {sorted(p.name for p in out_dir.rglob('*.dcm'))}")
+        console.print(f"[green]✓[/] study sent → draft delivered in {elapsed:.1f} s "
+                      f"(whole demo {time.monotonic() - t_start:.1f} s)")
+        return 0
+    finally:
+        if not keep_running:
+            node.terminate()
+            try:
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        log.close()

@@ -1,0 +1,188 @@
+"""C-ECHO / C-STORE SCP (PS3.4 Annex B) built on pynetdicom.
+
+The C-STORE handler stores and indexes, nothing else: it writes the dataset *as
+received* (``event.encoded_dataset()``: no decoding and re-encoding of pixel
+data, compressed transfer syntaxes kept), fsyncs and renames it into the store,
+indexes it in the database, and only then answers Success. Every failure becomes
+a named DIMSE status and a log line naming the tag; the handler never raises.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from pydicom import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from plugin import db
+from plugin.storage import BadUID, InstanceStore, check_uid
+
+log = logging.getLogger("cmr_ai.scp")
+
+# DIMSE statuses (PS3.4 Table B.2-1 and PS3.7 Annex C)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class
+CANNOT_UNDERSTAND = 0xC210  # Error: Cannot understand (we use it for unparseable datasets / bad UIDs)
+PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True)
+class Received:
+    """What the handler indexed (passed to ``on_stored`` listeners)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    path: str
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    v = ds.get(keyword, "")
+    return ("" if v is None else str(v))[:limit]
+
+
+class StoreSCP:
+    """The node's DICOM listener."""
+
+    def __init__(self, *, ae_title: str, host: str, port: int, store: InstanceStore, db_url: str,
+                 max_pdu: int = 0, on_stored: Optional[Callable[[Received], None]] = None):
+        self.ae_title, self.host, self.port = ae_title, host, port
+        self.store, self.db_url = store, db_url
+        self.on_stored = on_stored
+        self._index_lock = threading.Lock()  # SQLite: one writer; serialise index commits
+        ae = AE(ae_title=ae_title)
+        ae.maximum_pdu_size = max_pdu
+        ae.require_called_aet = False
+        ae.add_supported_context(Verification)
+        for cx in StoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self.ae = ae
+        self.server = None
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> None:
+        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo)]
+        self.server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        self.port = self.server.server_address[1]
+        log.info("listening as %s on %s:%s", self.ae_title, self.host, self.port)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    # -- handlers ----------------------------------------------------------
+    def handle_echo(self, event) -> int:
+        return SUCCESS
+
+    def handle_store(self, event) -> int:
+        """EVT_C_STORE: store durably, index, then answer. Never raises."""
+        assoc = event.assoc
+        peer = f"{assoc.requestor.ae_title}@{assoc.requestor.address}"
+        req = event.request
+        try:
+            sop_uid = check_uid(req.AffectedSOPInstanceUID, "(0000,1000) AffectedSOPInstanceUID")
+            sop_class = check_uid(req.AffectedSOPClassUID, "(0000,0002) AffectedSOPClassUID")
+        except BadUID as e:
+            log.error("C-STORE from %s refused (0x%04X): %s", peer, CANNOT_UNDERSTAND, e)
+            return CANNOT_UNDERSTAND
+        try:
+            ds = event.dataset
+            keyword = "(0020,000D) StudyInstanceUID"
+            study_uid = check_uid(ds.get("StudyInstanceUID"), keyword)
+            keyword = "(0020,000E) SeriesInstanceUID"
+            series_uid = check_uid(ds.get("SeriesInstanceUID"), keyword)
+            keyword = "(0008,0018) SOPInstanceUID"
+            ds_sop = check_uid(ds.get("SOPInstanceUID"), keyword)
+            keyword = "(0008,0016) SOPClassUID"
+            ds_class = check_uid(ds.get("SOPClassUID"), keyword)
+            keyword = "study/series attributes"
+            info = {k: _text(ds, k, n) for k, n in (("PatientID", 64), ("StudyDescription", 256),
+                                                    ("AccessionNumber", 64), ("Modality", 16),
+                                                    ("SeriesDescription", 256))}
+            sn = ds.get("SeriesNumber")
+            series_number = int(sn) if sn not in (None, "") else None
+        except BadUID as e:
+            log.error("C-STORE %s from %s refused (0x%04X): %s", sop_uid, peer, CANNOT_UNDERSTAND, e)
+            return CANNOT_UNDERSTAND
+        except Exception as e:  # broken tags / lengths surface on access
+            log.error("C-STORE %s from %s refused (0x%04X): cannot decode %s: %s: %s",
+                      sop_uid, peer, CANNOT_UNDERSTAND, keyword, type(e).__name__, e)
+            return CANNOT_UNDERSTAND
+        if ds_sop != sop_uid:
+            log.error("C-STORE from %s refused (0x%04X): (0008,0018) SOPInstanceUID %s in the dataset "
+                      "differs from (0000,1000) AffectedSOPInstanceUID %s", peer, DATASET_MISMATCH, ds_sop, sop_uid)
+            return DATASET_MISMATCH
+        if ds_class != sop_class:
+            log.error("C-STORE %s from %s refused (0x%04X): (0008,0016) SOPClassUID %s in the dataset differs "
+                      "from (0000,0002) AffectedSOPClassUID %s", sop_uid, peer, DATASET_MISMATCH, ds_class, sop_class)
+            return DATASET_MISMATCH
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            path = self.store.store(study_uid, series_uid, sop_uid, data)
+        except OSError as e:
+            status = OUT_OF_RESOURCES
+            log.error("C-STORE %s from %s failed (0x%04X): cannot write to the store: %s%s", sop_uid, peer,
+                      status, e, " (disk full)" if e.errno == errno.ENOSPC else "")
+            return status
+        except Exception as e:  # encoding problems with the received bytes
+            log.error("C-STORE %s from %s refused (0x%04X): %s: %s", sop_uid, peer, CANNOT_UNDERSTAND,
+                      type(e).__name__, e)
+            return CANNOT_UNDERSTAND
+        try:
+            with self._index_lock:
+                self._index(study_uid, series_uid, sop_uid, sop_class, str(event.context.transfer_syntax),
+                            str(path), len(data), info, series_number, assoc.requestor.ae_title,
+                            assoc.requestor.address)
+        except SQLAlchemyError as e:
+            log.error("C-STORE %s from %s failed (0x%04X): cannot index in the database: %s", sop_uid, peer,
+                      OUT_OF_RESOURCES, e)
+            return OUT_OF_RESOURCES
+        if self.on_stored:
+            try:
+                self.on_stored(Received(study_uid, series_uid, sop_uid, str(path)))
+            except Exception:  # listeners must not break the store
+                log.exception("on_stored listener failed")
+        return SUCCESS
+
+    def _index(self, study_uid, series_uid, sop_uid, sop_class, ts, path, size, info, series_number,
+               calling_ae, address) -> None:
+        now = db.utcnow()
+        with db.session_scope(self.db_url) as s:
+            study = s.scalar(select(db.Study).where(db.Study.study_instance_uid == study_uid))
+            if study is None:
+                study = db.Study(study_instance_uid=study_uid, patient_id=info["PatientID"],
+                                 study_description=info["StudyDescription"],
+                                 accession_number=info["AccessionNumber"], calling_ae=str(calling_ae)[:16],
+                                 source_ip=str(address)[:64], first_received=now)
+                s.add(study)
+                s.flush()
+            series = s.scalar(select(db.Series).where(db.Series.series_instance_uid == series_uid))
+            if series is None:
+                series = db.Series(study_id=study.id, series_instance_uid=series_uid, modality=info["Modality"],
+                                   series_description=info["SeriesDescription"], series_number=series_number)
+                s.add(series)
+                s.flush()
+            inst = s.scalar(select(db.Instance).where(db.Instance.sop_instance_uid == sop_uid))
+            if inst is None:
+                s.add(db.Instance(series_id=series.id, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+                                  transfer_syntax_uid=ts, path=path, size=size, received_at=now))
+                study.n_instances = (study.n_instances or 0) + 1
+            else:  # duplicate SOP Instance UID: the new copy replaced the file; keep one row
+                log.warning("duplicate SOPInstanceUID %s received again: stored copy replaced", sop_uid)
+                inst.size, inst.transfer_syntax_uid, inst.received_at = size, ts, now
+            own_output = s.scalar(select(db.Export.id).where(db.Export.sop_instance_uid == sop_uid).limit(1))
+            if own_output is None:  # our own SR/SC coming back must not re-open the study
+                study.last_received = now
+                if study.state != db.StudyState.RECEIVING:
+                    log.info("study %s received new instances after it was %s: re-opened", study_uid,
+                             study.state.value)
+                    study.state = db.StudyState.RECEIVING

@@ -1,0 +1,96 @@
+"""Durable instance store: temp file, fsync, rename, fsync the directory.
+
+Paths are built from UIDs, and only after the UIDs are checked against the UID
+syntax of PS3.5 §9.1 (digits and dots, no leading zeros, at most 64 characters),
+so a hostile or broken UID can never escape the store.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class BadUID(ValueError):
+    """A UID that does not follow PS3.5 §9.1; the message names the attribute."""
+
+
+def check_uid(value: object, keyword: str) -> str:
+    """Return the UID if its syntax is valid, else raise BadUID naming the attribute."""
+    uid = str(value or "").strip().rstrip("\x00")
+    if not uid:
+        raise BadUID(f"{keyword} is missing or empty")
+    if len(uid) > 64 or not UID_RE.match(uid):
+        raise BadUID(f"{keyword} {uid[:80]!r} is not a valid UID")
+    return uid
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | memoryview, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
+
+    The bytes go to a temp file in the same directory, which is fsynced and renamed
+    over ``path``; then the directory is fsynced so the rename itself is durable.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".incoming-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+
+
+class InstanceStore:
+    """``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``."""
+
+    def __init__(self, root: str | Path, *, fsync: bool = True):
+        self.root = Path(root)
+        self.fsync = fsync
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        study_uid = check_uid(study_uid, "(0020,000D) StudyInstanceUID")
+        series_uid = check_uid(series_uid, "(0020,000E) SeriesInstanceUID")
+        sop_uid = check_uid(sop_uid, "(0008,0018) SOPInstanceUID")
+        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes | memoryview) -> Path:
+        path = self.path_for(study_uid, series_uid, sop_uid)
+        new_dirs = not path.parent.exists()
+        write_atomic(path, data, fsync=self.fsync)
+        if new_dirs and self.fsync:  # make the new directory entries durable too
+            fsync_dir(path.parent.parent)
+            fsync_dir(self.root)
+        return path
+
+    def cleanup_temp(self) -> int:
+        """Remove temp files left by a crash mid-write (never acknowledged). Returns the count."""
+        n = 0
+        for p in self.root.rglob(".incoming-*.tmp"):
+            try:
+                p.unlink()
+                n += 1
+            except FileNotFoundError:
+                pass
+        return n

@@ -1,0 +1,141 @@
+"""The three tasks of a job: prepare [node] → infer [gpu] → report [node].
+
+Node-side tasks take ids and re-read the database; the GPU task takes the bundle
+and returns the inference result, touching neither the store nor the database.
+Every task is idempotent and named explicitly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from sqlalchemy import select
+
+from plugin import db
+from plugin.storage import write_atomic
+from worker.app import app, get_settings, var_dir
+from worker.bundle import AnalysisBundle, InferenceResult
+
+log = logging.getLogger("cmr_ai.tasks")
+
+
+def bundle_path(settings, job_id: int) -> Path:
+    return var_dir(settings) / "bundles" / f"job-{job_id}.json"
+
+
+def results_dir(settings, study_uid: str) -> Path:
+    return var_dir(settings) / "results" / study_uid
+
+
+@app.task(name="cmr_ai.prepare", bind=True)
+def prepare(self, job_id: int) -> dict:
+    """Classify the study's series, pick phases and slices, render the analysis bundle."""
+    from plugin import jobs
+    from plugin.cardiac import PrepareError, analyse_paths
+    from plugin.reports.template import load_template
+
+    settings = get_settings()
+    job = jobs.set_state(settings, job_id, db.JobState.PREPARING)
+    if job is None:
+        log.info("prepare: job %s is finished or gone; nothing to do", job_id)
+        raise Ignore()
+    t0 = time.monotonic()
+    with db.session_scope(settings.database.url) as s:
+        study = s.get(db.Study, job.study_id)
+        study_uid = study.study_instance_uid
+        paths = [i.path for se in study.series for i in se.instances]
+    try:
+        template = load_template(job.template, settings.templates_dir)
+        _study, _cls, images, limitations = analyse_paths(paths)
+    except PrepareError as e:
+        jobs.fail(settings, job_id, f"prepare: {e}")
+        raise Ignore()
+    bundle = AnalysisBundle(job_id=job_id, study_instance_uid=study_uid, model=job.model, template=job.template,
+                            questions=template.questions(), images=images, impression=template.impression,
+                            limitations=limitations)
+    data = bundle.model_dump(mode="json")
+    write_atomic(bundle_path(settings, job_id), json.dumps(data).encode())
+    jobs.set_state(settings, job_id, db.JobState.INFERRING)
+    log.info("prepare: job %s: %d images from %d instances in %.1f s; limitations: %s", job_id, len(images),
+             len(paths), time.monotonic() - t0, "; ".join(limitations) or "none")
+    return data
+
+
+@app.task(name="cmr_ai.infer", bind=True)
+def infer(self, bundle_data: dict) -> dict:
+    """Run the model on the bundle. Needs only the broker and the model directory."""
+    bundle = AnalysisBundle.model_validate(bundle_data)
+    settings = get_settings()
+    try:
+        from worker.demo_model import resolve_model_path
+        from worker.model.engine import get_engine, run_bundle
+
+        mc = settings.models[bundle.model]
+        engine = get_engine(resolve_model_path(mc.path), quantization=mc.quantization)
+        result = run_bundle(engine, bundle, bundle.model)
+    except SoftTimeLimitExceeded:
+        return {"job_id": bundle.job_id, "error": "infer: time limit exceeded"}
+    except Exception as e:  # a model that cannot load or run: fail the job with the reason
+        log.exception("infer: job %s failed", bundle.job_id)
+        return {"job_id": bundle.job_id, "error": f"infer: {type(e).__name__}: {e}"}
+    return result.model_dump(mode="json")
+
+
+@app.task(name="cmr_ai.report", bind=True)
+def report(self, result_data: dict) -> None:
+    """Build the SR, the narrative SR and the SC; put them in the outbox; send."""
+    import pydicom
+
+    from plugin import jobs, outbox
+    from plugin.reports.sc import build_secondary_capture
+    from plugin.reports.sr import build_measurement_report, build_narrative_report
+    from plugin.reports.template import load_template
+
+    settings = get_settings()
+    job_id = int(result_data["job_id"])
+    if "error" in result_data:
+        jobs.fail(settings, job_id, result_data["error"])
+        return
+    job = jobs.set_state(settings, job_id, db.JobState.REPORTING)
+    if job is None:
+        raise Ignore()
+    result = InferenceResult.model_validate(result_data)
+    bundle = AnalysisBundle.model_validate_json(bundle_path(settings, job_id).read_text())
+    template = load_template(job.template, settings.templates_dir)
+    uids = {im.source.sop_instance_uid for im in bundle.images}
+    with db.session_scope(settings.database.url) as s:
+        rows = s.scalars(select(db.Instance).where(db.Instance.sop_instance_uid.in_(uids))).all()
+        paths = {r.sop_instance_uid: r.path for r in rows}
+    sources = {uid: pydicom.dcmread(p, stop_before_pixels=True) for uid, p in paths.items()}
+    missing = uids - set(sources)
+    if missing:
+        jobs.fail(settings, job_id, f"report: source instances no longer in the store: {sorted(missing)[:3]}")
+        return
+    objects = [("sr", build_measurement_report(template, result, bundle.images, sources)),
+               ("text-sr", build_narrative_report(template, result, bundle.images, sources)),
+               ("sc", build_secondary_capture(template, result, bundle.images, sources))]
+    out = results_dir(settings, bundle.study_instance_uid)
+    written = []
+    for kind, ds in objects:
+        path = out / f"{kind}-{ds.SOPInstanceUID}.dcm"
+        from io import BytesIO
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        write_atomic(path, buf.getvalue())
+        written.append((kind, str(ds.SOPInstanceUID), str(path)))
+    with db.session_scope(settings.database.url) as s:
+        job_row = s.get(db.Job, job_id)
+        existing = {(e.destination, e.sop_instance_uid) for e in job_row.exports}
+        for dest in job_row.destination_list:
+            for kind, uid, path in written:
+                if (dest, uid) not in existing:
+                    s.add(db.Export(job_id=job_id, destination=dest, sop_instance_uid=uid, path=path, kind=kind))
+        job_row.result_json = result.model_dump_json()
+        job_row.model_fingerprint = result.model_fingerprint
+        job_row.state = db.JobState.EXPORTING
+    log.info("report: job %s: %s", job_id, ", ".join(f"{k} {p}" for k, _, p in written))
+    outbox.flush(settings, job_id)
+    outbox.settle_job(settings, job_id)
