@@ -114,8 +114,9 @@ def report(self, result_data: dict) -> None:
     if missing:
         jobs.fail(settings, job_id, f"report: source instances no longer in the store: {sorted(missing)[:3]}")
         return
-    objects = [("sr", build_measurement_report(template, result, bundle.images, sources)),
-               ("text-sr", build_narrative_report(template, result, bundle.images, sources)),
+    lim = list(bundle.limitations)
+    objects = [("sr", build_measurement_report(template, result, bundle.images, sources, limitations=lim)),
+               ("text-sr", build_narrative_report(template, result, bundle.images, sources, limitations=lim)),
                ("sc", build_secondary_capture(template, result, bundle.images, sources))]
     out = results_dir(settings, bundle.study_instance_uid)
     written = []
