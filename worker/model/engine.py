@@ -1,0 +1,832 @@
+"""Load a LLaVA-style checkpoint from a local directory and answer template findings.
+
+The GPU worker loads one model per process (:func:`get_engine`) and, for every
+question of an :class:`~worker.bundle.AnalysisBundle`, *scores* the fixed answer
+options rather than parsing free text (:meth:`Engine.score_options`); a short free-text
+impression is generated last (:meth:`Engine.generate`). :func:`run_bundle` is the one
+path that inference, ``cmr-ai eval`` and ``cmr-ai train`` share.
+
+Nothing is ever downloaded: ``HF_HUB_OFFLINE=1`` is set before transformers is
+imported and every ``from_pretrained`` gets a local directory and
+``local_files_only=True``.
+
+Quantisation (bitsandbytes)
+---------------------------
+``nf4`` (default) puts the *language model's* linear layers in 4-bit NF4 with double
+quantisation; the CLIP vision tower, the multi-modal projector and ``lm_head`` stay in
+the compute dtype (:data:`SKIP_MODULES`, the module names of transformers 5's
+``LlavaForConditionalGeneration``): they are small, and quantising them costs accuracy
+of the image features and of the option log-probabilities we read off ``lm_head``.
+``int8`` is LLM.int8() with the same skips; ``none`` loads plain weights.
+
+Compute dtype: on CUDA bfloat16 where the GPU supports it, else float16. On the CPU
+float32: bitsandbytes' CPU 4-bit path dequantises to the compute dtype and runs a plain
+matmul, and float32 is the dtype every CPU runs fast and exactly (bfloat16 matmuls are
+emulated, hence slower, on CPUs without AVX512-BF16/AMX, and lose precision in the
+option log-probabilities for no gain in memory: the 4-bit weights dominate that).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers (and huggingface_hub) are imported
+
+import torch
+
+from worker.bundle import AnalysisBundle, FindingResult, InferenceResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL.Image import Image
+
+__all__ = [
+    "SKIP_MODULES",
+    "Engine",
+    "ModelLoadError",
+    "Quantization",
+    "clear_engines",
+    "fingerprint",
+    "get_engine",
+    "run_bundle",
+    "tile",
+]
+
+log = logging.getLogger(__name__)
+
+# bitsandbytes int8 warns on every matmul whose input is not fp16 (float32 on the CPU).
+warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+
+#: Modules bitsandbytes must leave alone, as transformers 5 names them in
+#: ``LlavaForConditionalGeneration`` (``model.vision_tower.encoder.layers.0...``,
+#: ``model.multi_modal_projector.linear_1``, ``lm_head``). Patterns match from the start
+#: of a module name up to a dot, so the vision tower's children are all skipped.
+SKIP_MODULES: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+
+# Files that make up a model version, for the fingerprint (weights are *.safetensors /
+# *.bin and their index files).
+_CONFIG_FILES = ("config.json", "generation_config.json")
+_PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+_IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory cannot be loaded; the message names the directory and why.
+
+    Attributes
+    ----------
+    path:
+        The model directory as given.
+    reason:
+        What is wrong with it.
+    """
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot load model from {self.path!r}: {reason}")
+
+
+class Quantization(str, Enum):
+    """How the language model's weights are held in memory."""
+
+    NF4 = "nf4"  # bitsandbytes 4-bit NormalFloat, double quantisation
+    INT8 = "int8"  # bitsandbytes LLM.int8()
+    NONE = "none"  # the compute dtype, unquantised
+
+    @classmethod
+    def parse(cls, value: "Quantization | str") -> "Quantization":
+        """Convert a config string; raise ValueError naming the argument and the choices."""
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            choices = ", ".join(repr(q.value) for q in cls)
+            raise ValueError(f"Argument 'quantization' must be one of {choices}, got {value!r}") from None
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def _resolve_device(device: str) -> str:
+    device = (device or "auto").strip().lower()
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = "cuda:0"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"Argument 'device' is {device!r} but CUDA is not available on this host")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"Argument 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return device
+
+
+def _resolve_dtype(compute_dtype: str | None, device: str) -> torch.dtype:
+    if compute_dtype is None:
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # see the module docstring
+    try:
+        return _DTYPES[str(compute_dtype).strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"Argument 'compute_dtype' must be one of {sorted(_DTYPES)} or None, got {compute_dtype!r}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+_file_digests: dict[tuple[str, int, int], str] = {}
+_digest_lock = threading.Lock()
+
+
+def _file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _digest_lock:
+        cached = _file_digests.get(key)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    with _digest_lock:
+        _file_digests[key] = digest
+    return digest
+
+
+def _model_files(path: Path) -> list[Path]:
+    names = set(_CONFIG_FILES) | set(_PROCESSOR_FILES)
+    files = [
+        p
+        for p in path.iterdir()
+        if p.is_file() and (p.name in names or p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json"))
+    ]
+    return sorted(files, key=lambda p: p.name)
+
+
+def fingerprint(path: Path | str, quantization: Quantization | str) -> str:
+    """A short id of a model version as loaded: 16 hex digits of a SHA-256.
+
+    Covers the weight files, ``config.json`` / ``generation_config.json``, the processor
+    and tokenizer files (names and contents) and the quantisation setting, so the same
+    checkpoint loaded as nf4 and unquantised gives two fingerprints. File digests are
+    memoised per (path, size, mtime) so reloading a 14 GB checkpoint does not re-read it.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in _model_files(path):
+        h.update(f.name.encode() + b"\0" + _file_sha256(f).encode() + b"\n")
+    h.update(b"quantization=" + Quantization.parse(quantization).value.encode())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- images
+
+
+def tile(
+    images: Sequence["Image"],
+    labels: Optional[Sequence[str]] = None,
+    cell: int = 336,
+    background: tuple[int, int, int] = (0, 0, 0),
+) -> "Image":
+    """Put several images into ONE square mosaic, since LLaVA-1.5 reads one image a prompt.
+
+    The grid has ``ceil(sqrt(n))`` columns; each image is fitted into a ``cell`` x
+    ``cell`` square keeping its aspect ratio, and the grid is centred on a square black
+    canvas (square, so the processor's centre crop cuts nothing off). A single image is
+    only padded to a square, at its own resolution.
+
+    Parameters
+    ----------
+    images:
+        One or more PIL images (any mode; converted to RGB).
+    labels:
+        Optional text burnt into the top-left corner of each tile (e.g. ``"SAX mid ED"``),
+        same length as ``images``.
+    cell:
+        Tile edge in pixels for two or more images.
+
+    Raises
+    ------
+    ValueError
+        When ``images`` is empty or ``labels`` has another length.
+    """
+    from PIL import Image as PILImage
+    from PIL import ImageDraw, ImageFont
+
+    imgs = [im.convert("RGB") for im in images]
+    if not imgs:
+        raise ValueError("Argument 'images' of tile() is empty: need at least one image")
+    if labels is not None and len(labels) != len(imgs):
+        raise ValueError(f"Argument 'labels' has {len(labels)} entries for {len(imgs)} images")
+
+    if len(imgs) == 1:
+        im = imgs[0]
+        side = max(im.size)
+        canvas = PILImage.new("RGB", (side, side), background)
+        canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
+        boxes = [((side - im.width) // 2, (side - im.height) // 2)]
+    else:
+        cols = math.ceil(math.sqrt(len(imgs)))
+        rows = math.ceil(len(imgs) / cols)
+        side = cell * max(cols, rows)
+        canvas = PILImage.new("RGB", (side, side), background)
+        x0 = (side - cols * cell) // 2
+        y0 = (side - rows * cell) // 2
+        boxes = []
+        for i, im in enumerate(imgs):
+            scale = min(cell / im.width, cell / im.height)
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            fitted = im.resize(size, PILImage.BICUBIC)
+            r, c = divmod(i, cols)
+            left = x0 + c * cell + (cell - size[0]) // 2
+            top = y0 + r * cell + (cell - size[1]) // 2
+            canvas.paste(fitted, (left, top))
+            boxes.append((x0 + c * cell, y0 + r * cell))
+
+    if labels:
+        draw = ImageDraw.Draw(canvas)
+        font = ImageFont.load_default()
+        for (left, top), text in zip(boxes, labels):
+            if not text:
+                continue
+            l, t, r, b = draw.textbbox((left + 2, top + 2), text, font=font)
+            draw.rectangle((l - 2, t - 2, r + 2, b + 2), fill=(0, 0, 0))
+            draw.text((left + 2, top + 2), text, fill=(255, 255, 255), font=font)
+    return canvas
+
+
+# --------------------------------------------------------------------------- engine
+
+
+@dataclass
+class Engine:
+    """A loaded vision-language model plus its processor. Create with :meth:`load`."""
+
+    path: Path
+    model: Any
+    processor: Any
+    quantization: Quantization
+    device: str  # "cpu" or "cuda:N"
+    compute_dtype: torch.dtype
+    fingerprint: str
+    load_seconds: float = 0.0
+    normalization: str = "mean"  # how score_options normalises, see there
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | str,
+        *,
+        quantization: Quantization | str = "nf4",
+        device: str = "auto",
+        compute_dtype: str | None = None,
+    ) -> "Engine":
+        """Load a Hugging Face image-text-to-text checkpoint from a local directory.
+
+        Parameters
+        ----------
+        path:
+            Directory with ``config.json``, weights (``*.safetensors`` / ``*.bin``) and the
+            processor / tokenizer files, as written by ``save_pretrained``.
+        quantization:
+            ``"nf4"`` (default), ``"int8"`` or ``"none"``; see the module docstring.
+        device:
+            ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        compute_dtype:
+            ``"bfloat16"``, ``"float16"`` or ``"float32"``; default bf16/fp16 on CUDA,
+            float32 on the CPU.
+
+        Returns
+        -------
+        Engine
+            In eval mode on ``device``.
+
+        Raises
+        ------
+        ModelLoadError
+            When the directory does not exist, holds no model (no ``config.json``, no
+            weights), lacks processor or tokenizer files, or the processor and the model
+            disagree on the number of image tokens.
+        ValueError
+            For a bad ``quantization``, ``device`` or ``compute_dtype`` argument.
+        """
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        t0 = time.perf_counter()
+        quant = Quantization.parse(quantization)
+        dev = _resolve_device(device)
+        dtype = _resolve_dtype(compute_dtype, dev)
+        path = _check_model_dir(path)
+
+        processor = _load_processor(path)
+        model = _load_model(path, quant, dev, dtype)
+        model.eval()
+        _check_image_tokens(path, model, processor)
+
+        engine = cls(
+            path=path,
+            model=model,
+            processor=processor,
+            quantization=quant,
+            device=dev,
+            compute_dtype=dtype,
+            fingerprint=fingerprint(path, quant),
+        )
+        if quant is Quantization.NF4:
+            engine._check_quantized_layout()
+        engine.load_seconds = time.perf_counter() - t0
+        log.info(
+            "loaded model %s (%s, %s, compute %s) fingerprint %s in %.1f s",
+            path, quant.value, dev, str(dtype).removeprefix("torch."), engine.fingerprint, engine.load_seconds,
+        )
+        return engine
+
+    def linear_layers(self) -> dict[str, str]:
+        """Every linear layer's module name -> class name (``Linear``, ``Linear4bit``, ...)."""
+        out = {}
+        for name, module in self.model.named_modules():
+            cls_name = type(module).__name__
+            if isinstance(module, torch.nn.Linear) or cls_name.startswith("Linear"):
+                out[name] = cls_name
+        return out
+
+    def _check_quantized_layout(self) -> None:
+        layers = self.linear_layers()
+        wrong = [n for n, c in layers.items() if c == "Linear4bit" and n.startswith(SKIP_MODULES)]
+        lm = [c for n, c in layers.items() if ".language_model." in f".{n}"]
+        if wrong:
+            raise ModelLoadError(self.path, f"nf4 quantised modules that must stay in float: {wrong[:5]}")
+        if lm and "Linear4bit" not in lm:
+            log.warning("%s: nf4 requested but no language-model linear layer is Linear4bit", self.path)
+
+    # ------------------------------------------------------------------ prompts
+
+    def chat_prompt(self, text: str, n_images: int) -> str:
+        """The model's chat template applied to one user turn, ending with the assistant cue."""
+        content: list[dict] = [{"type": "image"} for _ in range(n_images)]
+        content.append({"type": "text", "text": text})
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+
+    @staticmethod
+    def option_instruction(question: str, option_texts: Sequence[str]) -> str:
+        """The user text of a scored question: the question and the options to choose from."""
+        opts = "; ".join(o.strip() for o in option_texts)
+        return f"{question.strip()}\nAnswer with exactly one of these options: {opts}."
+
+    def _encode(self, prompt: str, image: "Image | None") -> dict[str, torch.Tensor]:
+        kwargs: dict[str, Any] = {"text": [prompt], "return_tensors": "pt"}
+        if image is not None:
+            kwargs["images"] = [image]
+        enc = self.processor(**kwargs)
+        out = {}
+        for k, v in enc.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            v = v.to(self.device)
+            if k == "pixel_values":
+                v = v.to(self._vision_dtype())
+            out[k] = v
+        return out
+
+    def _vision_dtype(self) -> torch.dtype:
+        inner = getattr(self.model, "model", self.model)
+        tower = getattr(inner, "vision_tower", None)
+        if tower is not None:
+            for p in tower.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+        return self.compute_dtype
+
+    @staticmethod
+    def _one_image(images: Sequence["Image"] | None) -> "Image | None":
+        if not images:
+            return None
+        return tile(images)  # one image: padded to a square, so the centre crop cuts nothing
+
+    def _continuations(self, prompt: str, option_texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each option as the assistant's answer after ``prompt``.
+
+        Tokenises ``prompt + " " + option`` as a whole and keeps what follows the
+        prompt's own tokens, so the tokens are those the tokenizer would produce in
+        context (SentencePiece and BPE treat a leading space differently).
+        """
+        tok = self.processor.tokenizer
+        base = tok(prompt, add_special_tokens=False)["input_ids"]
+        out = []
+        for opt in option_texts:
+            text = opt.strip()
+            full = tok(prompt + " " + text, add_special_tokens=False)["input_ids"]
+            n = 0
+            while n < len(base) and n < len(full) and base[n] == full[n]:
+                n += 1
+            ids = full[n:] if n == len(base) else tok(" " + text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ValueError(f"option text {opt!r} encodes to no tokens")
+            out.append(list(ids))
+        return out
+
+    # ------------------------------------------------------------------ scoring
+
+    def option_logprobs(
+        self, images: Sequence["Image"], question: str, option_texts: Sequence[str]
+    ) -> list[tuple[float, int]]:
+        """Sum of the log-probabilities of each option's tokens as the answer, and its token count.
+
+        The prompt (image + question + option list) runs through the model once; its KV
+        cache is repeated for the options, which then go through in ONE right-padded
+        batch. The first answer token is scored from the prompt's last logits.
+        """
+        if not option_texts:
+            raise ValueError("Argument 'option_texts' is empty: need at least one option")
+        prompt = self.chat_prompt(self.option_instruction(question, option_texts), 1 if images else 0)
+        image = self._one_image(images)
+        conts = self._continuations(prompt, option_texts)
+        with self._lock, torch.inference_mode():
+            inputs = self._encode(prompt, image)
+            try:
+                return self._logprobs_cached(inputs, conts)
+            except (AttributeError, NotImplementedError, TypeError) as exc:  # exotic cache type
+                log.debug("prompt cache reuse failed (%s); scoring full sequences", exc)
+                return self._logprobs_full(inputs, conts)
+
+    def _logprobs_cached(self, inputs: dict[str, torch.Tensor], conts: list[list[int]]) -> list[tuple[float, int]]:
+        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+        sums = [float(first[ids[0]]) for ids in conts]
+        longest = max(len(ids) for ids in conts)
+        if longest > 1:
+            n = len(conts)
+            prompt_len = inputs["input_ids"].shape[1]
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(n)
+            pad = self._pad_id()
+            width = longest - 1  # feed tokens 0..k-2, read predictions of tokens 1..k-1
+            ids = torch.full((n, width), pad, dtype=torch.long)
+            mask = torch.zeros((n, width), dtype=torch.long)
+            for i, c in enumerate(conts):
+                ids[i, : len(c) - 1] = torch.tensor(c[:-1])
+                mask[i, : len(c) - 1] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            prompt_mask = inputs["attention_mask"].expand(n, -1)
+            positions = (torch.arange(width, device=self.device) + prompt_len).unsqueeze(0).expand(n, -1)
+            step = self.model(
+                input_ids=ids,
+                attention_mask=torch.cat([prompt_mask, mask], dim=1),
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=False,
+            )
+            logp = torch.log_softmax(step.logits.float(), dim=-1)
+            for i, c in enumerate(conts):
+                for j in range(1, len(c)):
+                    sums[i] += float(logp[i, j - 1, c[j]])
+        return [(s, len(c)) for s, c in zip(sums, conts)]
+
+    def _logprobs_full(self, inputs: dict[str, torch.Tensor], conts: list[list[int]]) -> list[tuple[float, int]]:
+        """Reference path: prompt + option as full sequences in one right-padded batch."""
+        n = len(conts)
+        prompt_ids = inputs["input_ids"][0]
+        p = prompt_ids.shape[0]
+        longest = max(len(c) for c in conts)
+        ids = torch.full((n, p + longest), self._pad_id(), dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, c in enumerate(conts):
+            ids[i, :p] = prompt_ids
+            ids[i, p : p + len(c)] = torch.tensor(c, device=self.device)
+            mask[i, : p + len(c)] = 1
+        extra = {}
+        if "pixel_values" in inputs:
+            extra["pixel_values"] = inputs["pixel_values"].expand(n, *inputs["pixel_values"].shape[1:])
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)
+        res = []
+        for i, c in enumerate(conts):
+            s = sum(float(logp[i, p + j - 1, c[j]]) for j in range(len(c)))
+            res.append((s, len(c)))
+        return res
+
+    def score_options(
+        self,
+        images: Sequence["Image"],
+        question: str,
+        option_texts: Sequence[str],
+        *,
+        normalization: str | None = None,
+    ) -> list[float]:
+        """Probability of each option as the answer to ``question`` about ``images``.
+
+        Each option is scored by the log-likelihood of its tokens as the assistant's reply
+        to a prompt holding the image(s), the question and the list of options. By
+        default (``normalization="mean"``) the score is the *mean* log-probability per
+        token, so "moderate" (2 tokens) is not penalised against "no" (1 token); ``"sum"``
+        uses the plain sum. A softmax across the options turns the scores into
+        probabilities (sum 1, same order as ``option_texts``). Deterministic: eval mode,
+        no sampling, ``torch.inference_mode``.
+
+        Parameters
+        ----------
+        images:
+            Zero or more PIL images; several are tiled into one (:func:`tile`).
+        question:
+            The question text.
+        option_texts:
+            The answers to score, in the caller's order.
+        normalization:
+            ``"mean"`` (default: :attr:`normalization`) or ``"sum"``.
+
+        Raises
+        ------
+        ValueError
+            When ``option_texts`` is empty or ``normalization`` is unknown.
+        """
+        norm = normalization or self.normalization
+        if norm not in ("mean", "sum"):
+            raise ValueError(f"Argument 'normalization' must be 'mean' or 'sum', got {norm!r}")
+        scored = self.option_logprobs(images, question, option_texts)
+        scores = torch.tensor([s / n if norm == "mean" else s for s, n in scored], dtype=torch.float64)
+        return [float(p) for p in torch.softmax(scores, dim=0)]
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, images: Sequence["Image"], prompt: str, max_new_tokens: int = 40) -> str:
+        """Greedy decoding of a short answer to ``prompt``; special tokens stripped."""
+        chat = self.chat_prompt(prompt, 1 if images else 0)
+        image = self._one_image(images)
+        with self._lock, torch.inference_mode():
+            inputs = self._encode(chat, image)
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=self._pad_id(),
+            )
+        new = out[0, inputs["input_ids"].shape[1] :]
+        text = self.processor.tokenizer.decode(new, skip_special_tokens=True)
+        # A byte-level tokenizer cut off mid-character decodes to U+FFFD: drop it.
+        return text.replace("\ufffd", "").strip()
+
+    def _pad_id(self) -> int:
+        tok = self.processor.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- loading helpers
+
+
+def _check_model_dir(path: Path | str) -> Path:
+    raw = path
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(raw, "directory does not exist (models load from a local directory only)")
+    if not path.is_dir():
+        raise ModelLoadError(raw, "not a directory")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(raw, "no config.json: not a Hugging Face model directory")
+    if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in path.iterdir()):
+        raise ModelLoadError(raw, "no weight files (*.safetensors or *.bin)")
+    if not any((path / n).is_file() for n in _TOKENIZER_FILES):
+        raise ModelLoadError(raw, f"no tokenizer files (one of {', '.join(_TOKENIZER_FILES)})")
+    if not any((path / n).is_file() for n in _IMAGE_PROCESSOR_FILES):
+        raise ModelLoadError(raw, f"no image processor config (one of {', '.join(_IMAGE_PROCESSOR_FILES)})")
+    return path
+
+
+def _load_processor(path: Path) -> Any:
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError ...
+        raise ModelLoadError(path, f"processor/tokenizer failed to load: {exc}") from exc
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise ModelLoadError(
+            path, f"AutoProcessor gave {type(processor).__name__} without an image processor and a tokenizer"
+        )
+    if not getattr(processor, "chat_template", None):
+        from worker.demo_model import CHAT_TEMPLATE
+
+        log.warning("%s has no chat template; using the LLaVA-1.5 one", path)
+        processor.chat_template = CHAT_TEMPLATE
+    return processor
+
+
+def _quantization_config(quant: Quantization, dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quant is Quantization.NF4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=list(SKIP_MODULES),
+        )
+    if quant is Quantization.INT8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(SKIP_MODULES))
+    return None
+
+
+def _load_model(path: Path, quant: Quantization, device: str, dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype, "device_map": {"": device}}
+    qconfig = _quantization_config(quant, dtype)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    try:
+        try:
+            return AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
+        except ValueError as exc:
+            if "Unrecognized configuration class" not in str(exc):
+                raise
+            log.info("%s: no AutoModelForImageTextToText mapping, trying LlavaForConditionalGeneration", path)
+            return LlavaForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(path, f"weights failed to load ({quant.value} on {device}): {exc}") from exc
+
+
+def _check_image_tokens(path: Path, model: Any, processor: Any) -> None:
+    """Fail at load, not at the first study, when ``<image>`` expands to the wrong length."""
+    cfg = model.config
+    vc = getattr(cfg, "vision_config", None)
+    if getattr(cfg, "model_type", "") != "llava" or vc is None:
+        return
+    from PIL import Image as PILImage
+
+    features = (vc.image_size // vc.patch_size) ** 2
+    if getattr(cfg, "vision_feature_select_strategy", "default") == "full":
+        features += 1
+    image_token = getattr(processor, "image_token", "<image>")
+    enc = processor(
+        text=[image_token], images=[PILImage.new("RGB", (vc.image_size, vc.image_size))], return_tensors="pt"
+    )
+    token_id = getattr(cfg, "image_token_id", None)
+    if token_id is None:
+        token_id = getattr(cfg, "image_token_index", None)
+    n_tokens = int((enc["input_ids"] == token_id).sum())
+    if n_tokens != features:
+        raise ModelLoadError(
+            path,
+            f"processor expands {image_token} to {n_tokens} tokens (id {token_id}) but the vision tower "
+            f"gives {features} features: check patch_size, vision_feature_select_strategy and "
+            "num_additional_image_tokens in processor_config.json",
+        )
+
+
+# --------------------------------------------------------------------------- per-process cache
+
+_engines: dict[tuple, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def get_engine(
+    path: Path | str,
+    quantization: Quantization | str = "nf4",
+    *,
+    device: str = "auto",
+    compute_dtype: str | None = None,
+) -> Engine:
+    """The process-wide engine for a model, loaded on first use.
+
+    ``path`` is a model directory or ``"demo"`` (see
+    :func:`worker.demo_model.resolve_model_path`).
+    """
+    from worker.demo_model import resolve_model_path
+
+    resolved = resolve_model_path(str(path)).resolve()
+    key = (str(resolved), Quantization.parse(quantization), device, compute_dtype)
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = Engine.load(resolved, quantization=key[1], device=device, compute_dtype=compute_dtype)
+            _engines[key] = engine
+        return engine
+
+
+def clear_engines() -> None:
+    """Forget every cached engine (tests; freeing GPU memory before loading another model)."""
+    with _engines_lock:
+        _engines.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+def impression_prompt(bundle: AnalysisBundle, answers: dict[str, str]) -> str:
+    """The instruction for the free-text impression: the scored answers, then the task."""
+    lines = ["Draft findings of this cardiac MRI:"]
+    for q in bundle.questions:
+        lines.append(f"- {q.text.strip()} {answers[q.id]}")
+    if bundle.limitations:
+        lines.append("Limitations: " + "; ".join(bundle.limitations))
+    lines.append("Write a short impression in one or two sentences.")
+    return "\n".join(lines)
+
+
+def run_bundle(engine: Engine, bundle: AnalysisBundle, model_name: str | None = None) -> InferenceResult:
+    """Answer every question of ``bundle`` by option scoring, then write the impression.
+
+    For each question the images of its views (:meth:`AnalysisBundle.images_for`) are
+    tiled into one labelled mosaic and the option texts scored; the answer is the option
+    with the highest probability. With ``bundle.impression`` a short impression is then
+    generated from all images and a summary of the answers.
+
+    Parameters
+    ----------
+    engine:
+        A loaded :class:`Engine`.
+    bundle:
+        The analysis bundle from the ``prepare`` task.
+    model_name:
+        The ``models:`` key to report; default ``bundle.model``.
+
+    Raises
+    ------
+    ValueError
+        When a question's ``options`` and ``option_texts`` differ in length or are empty.
+    """
+    t0 = time.perf_counter()
+    pil = {im.key: im.to_pil() for im in bundle.images}
+    findings: list[FindingResult] = []
+    answers: dict[str, str] = {}
+    for q in bundle.questions:
+        if not q.options or len(q.options) != len(q.option_texts):
+            raise ValueError(
+                f"Question {q.id!r}: {len(q.options)} options but {len(q.option_texts)} option_texts"
+            )
+        chosen = bundle.images_for(q.views)
+        images = [tile([pil[im.key] for im in chosen], labels=[im.label for im in chosen])] if chosen else []
+        probs = engine.score_options(images, q.text, q.option_texts)
+        best = max(range(len(probs)), key=probs.__getitem__)
+        answers[q.id] = q.option_texts[best]
+        findings.append(
+            FindingResult(
+                id=q.id,
+                answer=q.options[best],
+                probabilities=dict(zip(q.options, probs)),
+                image_keys=[im.key for im in chosen],
+            )
+        )
+    impression = ""
+    if bundle.impression:
+        images = []
+        if bundle.images:
+            images = [tile([pil[im.key] for im in bundle.images], labels=[im.label for im in bundle.images])]
+        impression = engine.generate(images, impression_prompt(bundle, answers))
+    return InferenceResult(
+        job_id=bundle.job_id,
+        model=model_name or bundle.model,
+        model_fingerprint=engine.fingerprint,
+        device=engine.device,
+        quantization=engine.quantization.value,
+        findings=findings,
+        impression=impression,
+        seconds=time.perf_counter() - t0,
+    )
