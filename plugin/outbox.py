@@ -40,8 +40,6 @@ def _claim(s, row: db.Export, now) -> bool:
 
 def flush(settings: Settings, job_id: Optional[int] = None) -> int:
     """Send every due pending export (of one job, or all). Returns how many were sent."""
-    from plugin.export import ExportError, exporter_for
-
     now = db.utcnow()
     with db.session_scope(settings.database.url) as s:
         q = select(db.Export).where(db.Export.state == db.ExportState.PENDING, db.Export.next_attempt_at <= now)
@@ -51,6 +49,8 @@ def flush(settings: Settings, job_id: Optional[int] = None) -> int:
         work = [(r.id, r.destination, r.path, r.sop_instance_uid, r.attempts, r.job_id) for r in claimed]
     if not work:
         return 0
+    from plugin.export import ExportError, exporter_for
+
     by_dest: dict[str, list] = defaultdict(list)
     for w in work:
         by_dest[w[1]].append(w)

@@ -67,7 +67,11 @@ def configure(settings: Settings) -> Celery:
     url = broker_url(settings)
     opts: dict = {}
     if url.startswith("sqla+"):
-        opts = {"polling_interval": 0.25}
+        # kombu's SQLAlchemy transport hands its transport options to create_engine, so the
+        # poll interval (default 1 s per queue) is set on the transport class instead.
+        from kombu.transport import sqlalchemy as kombu_sqla
+
+        kombu_sqla.Transport.polling_interval = 0.2
     elif url.startswith(("redis", "rediss")):
         # long enough for a slow inference before an unacked task is redelivered
         opts = {"visibility_timeout": settings.queue.task_soft_time_limit * 2, "queue_order_strategy": "priority"}
