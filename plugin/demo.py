@@ -53,7 +53,7 @@ rules:
 def send_study(port: int, study_dir: Path, aet: str = "DEMO_SCANNER") -> str:
     """C-STORE every file of ``study_dir`` to the node; returns which sender was used."""
     if Path("/usr/bin/storescu").exists():
-        cmd = ["/usr/bin/storescu", "-aet", aet, "-aec", "CMR_AI", "+sd", "+r", "-R", "-xs",
+        cmd = ["/usr/bin/storescu", "-aet", aet, "-aec", "CMR_AI", "+sd", "+r", "+sp", "*.dcm", "-R", "-xr",
                "127.0.0.1", str(port), str(study_dir)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
