@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(width=max(Console().width, 120))
 
 
 def free_port() -> int:
@@ -143,7 +143,8 @@ def run_demo(workdir: str | Path = "./var/demo", *, keep_running: bool = False, 
                     if job is not None:
                         status.update(f"job {job.id}: {job.state.value}…")
                         if job.state.finished:
-                            exports = [(e.kind, e.destination, e.path, e.state.value) for e in job.exports]
+                            exports = [(e.kind, e.destination, e.sop_instance_uid, e.state.value)
+                                       for e in job.exports]
                             break
                 time.sleep(0.5)
             else:
@@ -153,21 +154,25 @@ def run_demo(workdir: str | Path = "./var/demo", *, keep_running: bool = False, 
             console.print(f"[red]✗ job {job.id} {job.state.value}: {job.error}[/]")
             return 1
         result = json.loads(job.result_json)
-        table = Table(title=f"AI DRAFT — unverified (model {result['model']} {result['model_fingerprint']}, "
+        table = Table(min_width=60, title=f"AI DRAFT — unverified (model {result['model']} {result['model_fingerprint']}, "
                             f"{result['device']}, {result['quantization']})")
         table.add_column("finding")
         table.add_column("answer")
         table.add_column("p", justify="right")
         table.add_column("all options")
         for f in result["findings"]:
-            probs = ", ".join(f"{k} {v:.2f}" for k, v in f["probabilities"].items())
+            probs = " ".join(f"{k}={v:.2f}" for k, v in f["probabilities"].items())
             table.add_row(f["id"], f["answer"], f"{f['probabilities'][f['answer']]:.2f}", probs)
         console.print(table)
         console.print(f"[bold]Impression (AI draft):[/] {result.get('impression') or '(none)'}")
-        for kind, dest, path, state in exports:
-            written = out_dir / truth.study_instance_uid
-            console.print(f"  {kind:8s} → {dest} ({state}): {path}")
-        console.print(f"  objects in the destination folder: {sorted(p.name for p in out_dir.rglob('*.dcm'))}")
+        if model_dir.name == "demo":
+            console.print("[dim](the demo model has random weights: its answers and impression prove the "
+                          "plumbing, not medicine)[/]")
+        names = {"sr": "SR, TID 1500 measurement report", "text-sr": "SR, narrative text",
+                 "sc": "Secondary Capture"}
+        for kind, dest, uid, state in sorted(exports):
+            path = out_dir / truth.study_instance_uid / f"{uid}.dcm"
+            console.print(f"  {names.get(kind, kind)} → {dest} ({state}):\n    {path}")
         console.print(f"[green]✓[/] study sent → draft delivered in {elapsed:.1f} s "
                       f"(whole demo {time.monotonic() - t_start:.1f} s)")
         return 0
