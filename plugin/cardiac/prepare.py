@@ -1,0 +1,580 @@
+"""Pick phases and slices from the classified series and render the analysis images.
+
+What is rendered (keys of the :class:`~worker.bundle.BundleImage` s):
+
+- SAX: basal, mid and apical slices (25 %, 50 %, 75 % along the stack, base → apex,
+  after dropping end slices where no LV blood pool is found at ED) at end-diastole
+  and end-systole: ``SAX_basal_ED``, ``SAX_basal_ES``, ``SAX_mid_ED`` … ``SAX_apical_ES``.
+- each long-axis view present: ``2CH_ED``, ``2CH_ES``, ``3CH_ED`` … ``4CH_ES``.
+
+Phases. ED is the first phase (smallest trigger time: the R wave). ES is the phase
+with the smallest LV blood-pool area in the mid SAX slice, searched between 10 %
+and 65 % of the cycle: the blood pool is the bright, round connected region near
+the image centre after an Otsu threshold, found at ED and then followed at the same
+place through the cycle (see :func:`blood_pool`). Other slices use the
+frame nearest in trigger time; long-axis series use the same fraction of their own
+cycle, or their own blood-pool estimate when there is no SAX stack. When no
+contraction can be found, ES falls back to 35 % of the cycle (the middle frame for
+a cine without trigger times), and a limitation says so.
+
+Pixels. Only the needed frame of a multi-frame object is decoded
+(``pydicom.pixels.pixel_array(path, index=…)``; RLE, JPEG, JPEG-LS and JPEG 2000 via
+the pylibjpeg plugins), then ``apply_modality_lut`` and ``apply_voi_lut`` with the
+window from the file (per frame for multi-frame objects: Pixel Value Transformation
+and Frame VOI LUT functional groups), or a 1–99 % percentile window when the file
+has none; MONOCHROME1 is inverted; the result is scaled to 8 bits, resized to
+``size`` × ``size`` keeping the physical aspect ratio (PixelSpacing) by padding, and
+PNG-encoded.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+
+from worker.bundle import BundleImage, SourceRef
+
+from .classify import Classification, Location, apexward, find_stacks, group_locations, unit
+from .series import Frame, SeriesInfo, Study, functional_group
+from .views import LONG_AXIS, View
+
+log = logging.getLogger(__name__)
+
+RENDER_SIZE = 224
+SLICE_LEVELS = (("basal", 0.25), ("mid", 0.50), ("apical", 0.75))
+ES_FALLBACK_FRACTION = 0.35
+ES_SEARCH = (0.10, 0.65)  # fraction of the cycle searched for the smallest blood pool
+
+
+class PrepareError(RuntimeError):
+    """Nothing analysable in the study; the message names the series and why."""
+
+
+# ---------------------------------------------------------------------------- pixels
+
+
+class FrameReader:
+    """Decodes single frames, caching each file's header (read once, without pixels)."""
+
+    def __init__(self) -> None:
+        self._headers: dict[str, Dataset] = {}
+        self._pixels: dict[tuple[str, Optional[int]], np.ndarray] = {}
+
+    def header(self, path: str) -> Dataset:
+        ds = self._headers.get(path)
+        if ds is None:
+            ds = self._headers[path] = pydicom.dcmread(path, stop_before_pixels=True)
+        return ds
+
+    def lut_dataset(self, frame: Frame) -> Dataset:
+        """A small dataset holding the Modality LUT and VOI LUT attributes that apply to ``frame``."""
+        ds = self.header(frame.path)
+        out = Dataset()
+        out.PhotometricInterpretation = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        out.BitsStored = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+        out.PixelRepresentation = int(ds.get("PixelRepresentation", 0))
+        sources: list[Dataset] = [ds]
+        if frame.frame_number is not None:
+            shared_seq = ds.get("SharedFunctionalGroupsSequence")
+            shared = shared_seq[0] if shared_seq else None
+            per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence") or []
+            pf = per_frame_seq[frame.frame_number - 1] if frame.frame_number - 1 < len(per_frame_seq) else None
+            for keyword in ("PixelValueTransformationSequence", "FrameVOILUTSequence"):
+                item = functional_group(pf, shared, keyword)
+                if item is not None:
+                    sources.insert(0, item)
+        for keyword in ("RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence",
+                        "WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence"):
+            for src in sources:
+                if keyword in src and src[keyword].value not in (None, ""):
+                    out[keyword] = src[keyword]
+                    break
+        if ("RescaleSlope" in out) != ("RescaleIntercept" in out):
+            out.RescaleSlope = out.get("RescaleSlope", 1.0)
+            out.RescaleIntercept = out.get("RescaleIntercept", 0.0)
+        return out
+
+    def modality(self, frame: Frame) -> np.ndarray:
+        """The frame's values after the Modality LUT (float), decoding only that frame."""
+        key = (frame.path, frame.frame_number)
+        arr = self._pixels.get(key)
+        if arr is None:
+            index = frame.frame_number - 1 if frame.frame_number is not None else None
+            raw = pixel_array(frame.path, index=index)
+            if raw.ndim == 3 and index is None:  # a classic file holding several frames: first one
+                raw = raw[0]
+            arr = np.asarray(apply_modality_lut(raw, self.lut_dataset(frame)), dtype=np.float64)
+            self._pixels[key] = arr
+        return arr
+
+    def render(self, frame: Frame, size: int = RENDER_SIZE) -> Image.Image:
+        """8-bit grayscale, windowed, ``size`` × ``size`` (aspect kept by padding)."""
+        arr = self.modality(frame)
+        lut = self.lut_dataset(frame)
+        has_window = "VOILUTSequence" in lut or _window_ok(lut)
+        if not has_window:
+            for keyword in ("WindowCenter", "WindowWidth", "VOILUTFunction"):
+                if keyword in lut:
+                    del lut[keyword]
+            lo, hi = np.percentile(arr, [1.0, 99.0])
+            lut.WindowCenter = float(lo + hi) / 2.0
+            lut.WindowWidth = max(float(hi - lo), 1.0)
+        out = np.asarray(apply_voi_lut(arr, lut), dtype=np.float64)
+        y = np.asarray(apply_voi_lut(np.array([-1e30, 1e30]), lut), dtype=np.float64)
+        y_lo, y_hi = float(y.min()), float(y.max())
+        scale = 255.0 / (y_hi - y_lo) if y_hi > y_lo else 0.0
+        img8 = np.clip((out - y_lo) * scale, 0, 255).round().astype(np.uint8)
+        if lut.PhotometricInterpretation == "MONOCHROME1":
+            img8 = 255 - img8
+        return _fit(Image.fromarray(img8, mode="L"), frame.pixel_spacing, size)
+
+
+def _window_ok(lut: Dataset) -> bool:
+    if "WindowCenter" not in lut or "WindowWidth" not in lut:
+        return False
+    try:
+        w = lut["WindowWidth"].value
+        w = float(w[0] if lut["WindowWidth"].VM > 1 else w)
+        float(lut["WindowCenter"].value[0] if lut["WindowCenter"].VM > 1 else lut["WindowCenter"].value)
+    except (TypeError, ValueError, IndexError):
+        return False
+    return math.isfinite(w) and w >= 1.0
+
+
+def _fit(img: Image.Image, spacing: Optional[tuple[float, float]], size: int) -> Image.Image:
+    rows, cols = img.height, img.width
+    row_sp, col_sp = spacing or (1.0, 1.0)
+    h_mm, w_mm = rows * row_sp, cols * col_sp
+    scale = size / max(h_mm, w_mm)
+    w, h = max(1, round(w_mm * scale)), max(1, round(h_mm * scale))
+    resized = img.resize((w, h), Image.Resampling.BICUBIC)
+    canvas = Image.new("L", (size, size), 0)
+    canvas.paste(resized, ((size - w) // 2, (size - h) // 2))
+    return canvas
+
+
+# ---------------------------------------------------------------------------- blood pool
+
+
+def _otsu(values: np.ndarray, bins: int = 64) -> float:
+    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    hist = hist.astype(float)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = m0 / np.maximum(w0, 1e-9)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1e-9)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[int(np.argmax(between[:-1])) + 1])
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    m = mask.copy()
+    m[1:, :] &= mask[:-1, :]
+    m[:-1, :] &= mask[1:, :]
+    m[:, 1:] &= mask[:, :-1]
+    m[:, :-1] &= mask[:, 1:]
+    m[0, :] = m[-1, :] = False
+    m[:, 0] = m[:, -1] = False
+    return m
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    m = mask.copy()
+    m[1:, :] |= mask[:-1, :]
+    m[:-1, :] |= mask[1:, :]
+    m[:, 1:] |= mask[:, :-1]
+    m[:, :-1] |= mask[:, 1:]
+    return m
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected labels (1..n) of a small boolean mask."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    h, w = mask.shape
+    n = 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        n += 1
+        labels[y0, x0] = n
+        q = deque([(y0, x0)])
+        while q:
+            y, x = q.popleft()
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not labels[yy, xx]:
+                    labels[yy, xx] = n
+                    q.append((yy, xx))
+    return labels, n
+
+
+@dataclass(frozen=True)
+class Pool:
+    area: float  # pixels of the original image
+    centre: tuple[float, float]  # (row, column) in the original image
+
+
+def blood_pool(img: np.ndarray, hint: Optional[tuple[float, float]] = None) -> Optional[Pool]:
+    """The LV blood pool in a bright-blood cine frame: a simple image-based estimate.
+
+    The image is scaled to ≤ 128 pixels, normalised (1–99.5 % percentiles), thresholded
+    with Otsu's method on its central half, eroded once (to cut thin bridges between
+    chambers), split into 4-connected regions, and the region chosen: the one at (or
+    nearest to) ``hint`` when given — to follow one chamber through the cycle —
+    otherwise by size × closeness to the image centre × roundness², so that the round
+    LV wins over the crescent-shaped RV. The
+    region is dilated back by one pixel inside the threshold mask before it is
+    measured. None when no plausible region exists.
+    """
+    img = np.asarray(img, dtype=np.float64)
+    if img.ndim != 2 or min(img.shape) < 16:
+        return None
+    f = max(1, math.ceil(max(img.shape) / 128))
+    if f > 1:
+        h, w = (img.shape[0] // f) * f, (img.shape[1] // f) * f
+        img = img[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3))
+    lo, hi = np.percentile(img, [1.0, 99.5])
+    if hi <= lo:
+        return None
+    x = np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+    h, w = x.shape
+    roi = x[h // 4: 3 * h // 4, w // 4: 3 * w // 4]
+    mask = x > _otsu(roi.ravel())
+    labels, n = _components(_erode(mask))
+    if n == 0:
+        return None
+    idx = np.arange(1, n + 1)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(float)
+    yy, xx = np.indices(labels.shape)
+    cy = np.bincount(labels.ravel(), weights=yy.ravel(), minlength=n + 1)[1:] / np.maximum(areas, 1)
+    cx = np.bincount(labels.ravel(), weights=xx.ravel(), minlength=n + 1)[1:] / np.maximum(areas, 1)
+    total = float(h * w)
+    ok = (areas >= max(4.0, 0.002 * total)) & (areas <= 0.25 * total)
+    if hint is not None:
+        hy, hx = hint[0] / f, hint[1] / f
+        iy, ix = int(round(hy)), int(round(hx))
+        lab = labels[iy, ix] if 0 <= iy < h and 0 <= ix < w else 0
+        if lab and ok[lab - 1]:
+            chosen = lab
+        else:
+            d = np.hypot(cy - hy, cx - hx)
+            d[~ok] = np.inf
+            if not np.isfinite(d).any() or d.min() > 0.15 * max(h, w):
+                return None
+            chosen = int(idx[np.argmin(d)])
+    else:
+        # The LV blood pool is round in a short-axis (and oval in a long-axis) image, the
+        # RV a crescent: weigh size by closeness to the centre and by roundness (area over
+        # the disc reaching the farthest pixel; a crescent does not even contain its centroid).
+        d = np.hypot(cy - (h - 1) / 2, cx - (w - 1) / 2)
+        r_max = np.zeros(n)
+        np.maximum.at(r_max, labels.ravel() - 1, np.where(labels.ravel() > 0,
+                      np.hypot(yy.ravel() - cy[labels.ravel() - 1], xx.ravel() - cx[labels.ravel() - 1]), 0.0))
+        roundness = np.clip(areas / (np.pi * np.maximum(r_max, 0.5) ** 2), 0.0, 1.0)
+        inside = labels[np.clip(np.round(cy).astype(int), 0, h - 1), np.clip(np.round(cx).astype(int), 0, w - 1)] == idx
+        roundness = np.where(inside, roundness, 0.3 * roundness)
+        score = areas * np.exp(-((d / (0.2 * max(h, w))) ** 2)) * roundness ** 2
+        score[~ok] = 0
+        if score.max() <= 0:
+            return None
+        chosen = int(idx[np.argmax(score)])
+    region = _dilate(labels == chosen) & mask
+    ys, xs = np.nonzero(region)
+    return Pool(float(len(ys)) * f * f, (float(ys.mean() + 0.5) * f - 0.5, float(xs.mean() + 0.5) * f - 0.5))
+
+
+# ---------------------------------------------------------------------------- phases
+
+
+@dataclass
+class Cine:
+    """One cine location's phases in time order, and where ED and ES are."""
+
+    location: Location
+    phases: list[Frame]
+    timed: bool
+
+    @property
+    def times(self) -> list[float]:
+        return [f.trigger_time for f in self.phases]  # type: ignore[misc]
+
+    def cycle_ms(self) -> Optional[float]:
+        if not self.timed or len(self.phases) < 2:
+            return None
+        t = self.times
+        steps = np.diff(t)
+        return float(t[-1] - t[0] + np.median(steps))
+
+    def index_at_fraction(self, frac: float) -> int:
+        if self.timed:
+            cyc = self.cycle_ms()
+            if cyc:
+                target = self.times[0] + frac * cyc
+                return int(np.argmin([abs(t - target) for t in self.times]))
+        return min(len(self.phases) - 1, int(round(frac * len(self.phases))))
+
+    def fraction_of(self, i: int) -> float:
+        cyc = self.cycle_ms()
+        if cyc:
+            return (self.times[i] - self.times[0]) / cyc
+        return i / max(1, len(self.phases))
+
+    def nearest(self, trigger_time: Optional[float], index: int) -> Frame:
+        if self.timed and trigger_time is not None:
+            return min(self.phases, key=lambda f: abs(f.trigger_time - trigger_time))  # type: ignore[operator]
+        return self.phases[min(index, len(self.phases) - 1)]
+
+
+def _cine(loc: Location) -> Cine:
+    phases = loc.phases()
+    timed = loc.timing == "trigger" and all(f.trigger_time is not None for f in phases)
+    return Cine(loc, phases, timed)
+
+
+def _es_from_images(reader: FrameReader, cine: Cine,
+                    hint: Optional[tuple[float, float]] = None) -> Optional[tuple[int, list[Optional[float]]]]:
+    """Index of the phase with the smallest blood pool (within ES_SEARCH), and the area curve.
+
+    The pool is found at ED (near ``hint`` when given) and followed through the cycle
+    at the ED centre: in a short-axis plane the LV centre hardly moves.
+    """
+    if len(cine.phases) < 3:
+        return None
+    ed = blood_pool(reader.modality(cine.phases[0]), hint)
+    if ed is None:
+        return None
+    areas: list[Optional[float]] = [ed.area]
+    for f in cine.phases[1:]:
+        p = blood_pool(reader.modality(f), ed.centre)
+        areas.append(p.area if p else None)
+    lo, hi = ES_SEARCH
+    cands = [i for i in range(1, len(cine.phases)) if lo <= cine.fraction_of(i) <= hi and areas[i] is not None]
+    if not cands:
+        return None
+    es = min(cands, key=lambda i: areas[i])  # type: ignore[arg-type,return-value]
+    if areas[es] >= 0.95 * ed.area:  # type: ignore[operator]
+        return None
+    return es, areas
+
+
+# ---------------------------------------------------------------------------- selection
+
+
+def _best_series(study: Study, classifications: dict[str, Classification], view: View) -> list[SeriesInfo]:
+    chosen = [study.series[u] for u, c in classifications.items() if c.view == view and u in study.series]
+    return sorted(chosen, key=lambda s: (-classifications[s.uid].confidence, -len(s.frames),
+                                         -(s.number or 0)))
+
+
+def _sax_locations(study: Study, classifications: dict[str, Classification]) -> tuple[list[Location], str]:
+    """The SAX stack's cine locations sorted base → apex, and a note on the choice."""
+    series = _best_series(study, classifications, View.SAX)
+    if not series:
+        return [], ""
+    per_series = {s.uid: [loc for loc in group_locations(s.frames, s.uid) if loc.is_cine] for s in series}
+    locs = [loc for ls in per_series.values() for loc in ls]
+    if not locs:
+        return [], ""
+    # Stacks inside one series first; then one-slice-per-series stacks. A repeated stack is
+    # never merged with its repeat.
+    stacks = [st for ls in per_series.values() for st in find_stacks(ls)]
+    stacks += [st for st in find_stacks([ls[0] for ls in per_series.values() if len(ls) == 1])
+               if len(st.series_uids) > 1]
+    if stacks:
+        number = {s.uid: s.number or 0 for s in series}
+
+        def score(st):
+            conf = float(np.mean([classifications[u].confidence for u in st.series_uids]))
+            return (len({round(float(loc.centre @ st.normal)) for loc in st.locations}), conf,
+                    max(number[u] for u in st.series_uids))
+        stack = max(stacks, key=score)
+        normal = stack.normal
+        # Repeated slices (one series per slice, acquired twice): keep the later series.
+        by_pos: dict[int, Location] = {}
+        for loc in stack.locations:
+            k = round(float(loc.centre @ normal))
+            if k not in by_pos or number[loc.series_uid] > number[by_pos[k].series_uid]:
+                by_pos[k] = loc
+        chosen = list(by_pos.values())
+    else:  # a SAX named from its description only: take its planes as they are
+        best = series[0].uid
+        chosen = [loc for loc in locs if loc.series_uid == best]
+        normal = chosen[0].normal
+    axis_t = classifications[chosen[0].series_uid].lv_axis
+    axis = unit(axis_t) if axis_t is not None else apexward(normal)
+    if abs(float(axis @ normal)) < 0.5:
+        axis = apexward(normal)
+    axis = apexward(axis)
+    chosen = sorted(chosen, key=lambda loc: float(loc.centre @ axis))
+    uids = list(dict.fromkeys(loc.series_uid for loc in chosen))
+    note = ", ".join(study.series[u].label for u in uids[:3]) + (f" and {len(uids) - 3} more" if len(uids) > 3 else "")
+    return chosen, note
+
+
+def _lax_location(study: Study, classifications: dict[str, Classification], view: View) -> Optional[Location]:
+    for s in _best_series(study, classifications, view):
+        cines = [loc for loc in group_locations(s.frames, s.uid) if loc.is_cine]
+        if cines:
+            return max(cines, key=lambda loc: len(loc.frames))
+    return None
+
+
+def _image(reader: FrameReader, frame: Frame, key: str, view: View, phase: str, label: str,
+           size: int) -> BundleImage:
+    img = reader.render(frame, size)
+    return BundleImage(
+        key=key, view=view.value, phase=phase, label=label, png_b64=BundleImage.encode_png(img),
+        source=SourceRef(sop_class_uid=frame.sop_class_uid, sop_instance_uid=frame.sop_instance_uid,
+                         series_instance_uid=frame.series_instance_uid, frame_number=frame.frame_number,
+                         rows=frame.rows, columns=frame.columns))
+
+
+def _summary(study: Study, classifications: dict[str, Classification]) -> str:
+    parts = [f"{study.series[u].label}: {c.view.value}" for u, c in classifications.items() if u in study.series]
+    return "; ".join(parts) if parts else "no MR image series"
+
+
+def prepare_images(study: Study, classifications: dict[str, Classification], *,
+                   size: int = RENDER_SIZE) -> tuple[list[BundleImage], list[str]]:
+    """Render the ED/ES images of the SAX stack and of each long-axis view.
+
+    Parameters
+    ----------
+    study, classifications
+        From :func:`load_study` and :func:`classify_study`.
+    size
+        Edge of the square output images, in pixels.
+
+    Returns
+    -------
+    tuple
+        The images (SAX basal/mid/apical at ED and ES, then 2CH, 3CH, 4CH at ED and ES)
+        and the limitations the report should show.
+
+    Raises
+    ------
+    PrepareError
+        No SAX stack and no long-axis cine in the study (the message lists every
+        series with its view), or none of their frames could be decoded.
+    """
+    reader = FrameReader()
+    images: list[BundleImage] = []
+    limitations: list[str] = []
+    sax, sax_note = _sax_locations(study, classifications)
+    lax = {v: _lax_location(study, classifications, v) for v in LONG_AXIS}
+    if not sax and not any(lax.values()):
+        skipped = f"; {len(study.skipped)} non-image objects skipped" if study.skipped else ""
+        raise PrepareError(f"no cine series to analyse (no short-axis stack, no 2CH/3CH/4CH cine) in study "
+                           f"{study.study_instance_uid or '?'}: {_summary(study, classifications)}{skipped}")
+
+    es_fraction: Optional[float] = None
+    untimed_fallback = False
+    if sax:
+        try:
+            cines = [_cine(loc) for loc in sax]
+            # The LV at ED in the middle of the stack, then every slice looked at near that
+            # centre: drop end slices without an LV blood pool (above the base, below the apex).
+            ref = blood_pool(reader.modality(cines[len(cines) // 2].phases[0]))
+            hint = ref.centre if ref else None
+            found = [blood_pool(reader.modality(c.phases[0]), hint) is not None for c in cines]
+            if sum(found) >= 3:
+                first = found.index(True)
+                last = len(found) - 1 - found[::-1].index(True)
+                if first or last < len(cines) - 1:
+                    log.info("SAX: dropped %d slice(s) without a blood pool at the ends of the stack",
+                             first + len(cines) - 1 - last)
+                cines = cines[first:last + 1]
+            n = len(cines)
+            levels = {name: int(frac * (n - 1) + 0.5) for name, frac in SLICE_LEVELS}
+            if n >= 3:
+                levels["basal"] = min(levels["basal"], levels["mid"] - 1)
+                levels["apical"] = min(max(levels["apical"], levels["mid"] + 1), n - 1)
+            else:
+                levels = {"mid": 0} if n == 1 else {"basal": 0, "apical": 1}
+                limitations.append(f"short-axis stack has only {n} slice(s)")
+            mid = cines[levels.get("mid", 0)]
+            est = _es_from_images(reader, mid, hint)
+            if est is not None:
+                es_idx = est[0]
+                es_fraction = mid.fraction_of(es_idx)
+            elif mid.timed:
+                es_idx = mid.index_at_fraction(ES_FALLBACK_FRACTION)
+                limitations.append("ES could not be estimated from the blood pool; used 35% of the cardiac cycle")
+            else:
+                es_idx = len(mid.phases) // 2
+                untimed_fallback = True
+            if not mid.timed:
+                if untimed_fallback:
+                    limitations.append("ED/ES could not be determined (no trigger times); used first and middle "
+                                       "frames")
+                else:
+                    limitations.append("no trigger times in the short-axis stack: ED is the first frame, ES the "
+                                       "smallest blood pool")
+            es_tt = mid.phases[es_idx].trigger_time
+            done: set[int] = set()
+            for name, _frac in SLICE_LEVELS:
+                i = levels.get(name)
+                if i is None or i in done:
+                    continue
+                done.add(i)
+                c = cines[i]
+                ed_f = c.phases[0]
+                es_f = c.nearest(es_tt, es_idx)
+                for phase, f in (("ED", ed_f), ("ES", es_f)):
+                    images.append(_image(reader, f, f"SAX_{name}_{phase}", View.SAX, phase,
+                                         f"SAX {name} {phase}", size))
+            log.info("SAX from %s: %d slices, levels %s, ES phase %d/%d%s", sax_note, n, levels, es_idx,
+                     len(mid.phases), f" ({es_tt:.0f} ms)" if es_tt is not None else "")
+        except Exception as e:  # noqa: BLE001 - a broken file must not hide the long-axis views
+            log.warning("SAX stack could not be rendered: %s", e, exc_info=True)
+            limitations.append(f"short-axis stack could not be decoded ({sax_note}: {type(e).__name__}: {e})")
+            images = [im for im in images if im.view != View.SAX.value]
+    else:
+        limitations.append("no short-axis cine stack found")
+
+    for view in LONG_AXIS:
+        loc = lax[view]
+        if loc is None:
+            limitations.append(f"no {view.value} cine found")
+            continue
+        c = classifications[loc.series_uid]
+        label = study.series[loc.series_uid].label
+        try:
+            cine = _cine(loc)
+            if es_fraction is not None and cine.timed:
+                es_i = cine.index_at_fraction(es_fraction)
+            else:
+                est = _es_from_images(reader, cine)
+                if est is not None:
+                    es_i = est[0]
+                elif cine.timed:
+                    es_i = cine.index_at_fraction(ES_FALLBACK_FRACTION)
+                    limitations.append(f"{view.value}: ES could not be estimated; used 35% of the cardiac cycle")
+                else:
+                    es_i = len(cine.phases) // 2
+                    limitations.append(f"{view.value}: ED/ES could not be determined (no trigger times); used "
+                                       "first and middle frames")
+            for phase, f in (("ED", cine.phases[0]), ("ES", cine.phases[es_i])):
+                images.append(_image(reader, f, f"{view.value}_{phase}", view, phase, f"{view.value} {phase}", size))
+            if c.confidence < 0.5:
+                limitations.append(f"{view.value} identified with low confidence ({c.confidence:.2f}) in {label}")
+        except Exception as e:  # noqa: BLE001
+            log.warning("%s could not be rendered from %s: %s", view.value, label, e, exc_info=True)
+            images = [im for im in images if im.view != view.value]
+            limitations.append(f"{view.value} could not be decoded ({label}: {type(e).__name__}: {e})")
+
+    if not any(c.view == View.LGE for c in classifications.values()):
+        limitations.append("no LGE series")
+    if not images:
+        raise PrepareError(f"no image could be rendered from study {study.study_instance_uid or '?'}: "
+                           + "; ".join(limitations))
+    return images, limitations
