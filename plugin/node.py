@@ -181,6 +181,12 @@ class Node:
                     st.state = db.StudyState.IGNORED
                     log.info("study %s complete (%d instances): %s", st.study_instance_uid, st.n_instances,
                              f"ignored by rule {decision.rule}" if decision.rule else "no rule matched: ignored")
+        with db.session_scope(self.settings.database.url) as s:
+            stale = now.timestamp() - 15
+            for job in s.scalars(select(db.Job).where(db.Job.state == db.JobState.QUEUED,
+                                                      db.Job.celery_id.is_(None))).all():
+                if job.created_at.timestamp() < stale and job.id not in {j for j, _ in created}:
+                    created.append((job.id, job.priority))  # its first send failed (broker down): again
         for job_id, prio in created:
             try:
                 jobs.launch(self.settings, job_id, prio)
