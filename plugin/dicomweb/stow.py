@@ -22,7 +22,9 @@ def client(target) -> DICOMwebClient:
     headers = {}
     if target.token_file:
         headers["Authorization"] = "Bearer " + Path(target.token_file).expanduser().read_text().strip()
-    return DICOMwebClient(url=target.url, session=session, headers=headers or None, timeout=target.timeout)
+    c = DICOMwebClient(url=target.url, session=session, headers=headers or None, timeout=target.timeout)
+    c.set_http_retry_params(retry=False)  # the outbox retries, with back-off, without blocking a flush
+    return c
 
 
 def parse_response(response: Dataset | None, sent: list[str]) -> list[StoreOutcome]:
@@ -49,8 +51,27 @@ def parse_response(response: Dataset | None, sent: list[str]) -> list[StoreOutco
     return out
 
 
-def store(target, datasets: list[Dataset]) -> list[StoreOutcome]:
-    """STOW-RS the datasets in one request.
+def _response_dataset(response) -> Dataset | None:
+    """The STOW-RS response dataset from an HTTP response (DICOM JSON or Part 10 XML-less binary)."""
+    try:
+        return Dataset.from_json(response.json())
+    except Exception:
+        pass
+    try:
+        import io
+
+        import pydicom
+
+        return pydicom.dcmread(io.BytesIO(response.content), force=True)
+    except Exception:
+        return None
+
+
+def store(target, datasets: list[Dataset], study_instance_uid: str | None = None) -> list[StoreOutcome]:
+    """STOW-RS the datasets in one request (to ``/studies`` or ``/studies/{study_instance_uid}``).
+
+    A 409 Conflict carries the same response dataset as a 200: its FailedSOPSequence
+    becomes per-instance failures rather than an exception.
 
     Raises
     ------
@@ -61,17 +82,14 @@ def store(target, datasets: list[Dataset]) -> list[StoreOutcome]:
         return []
     sent = [str(ds.SOPInstanceUID) for ds in datasets]
     try:
-        response = client(target).store_instances(datasets)
+        response = client(target).store_instances(datasets, study_instance_uid=study_instance_uid)
     except requests.exceptions.HTTPError as e:
         code = e.response.status_code if e.response is not None else 0
         body = (e.response.text[:300] if e.response is not None else "").strip()
         if code == 409 and e.response is not None:  # some or all instances failed: read the body
-            try:
-                from pydicom import Dataset as _D
-
-                return parse_response(_D.from_json(e.response.json()), sent)
-            except Exception:
-                pass
+            parsed = _response_dataset(e.response)
+            if parsed is not None:
+                return parse_response(parsed, sent)
         raise ExportError(f"STOW-RS to {target.url}: HTTP {code} {body}", retryable=code >= 500 or code == 429)
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
         raise ExportError(f"STOW-RS to {target.url}: {type(e).__name__}: {e}", retryable=True)
