@@ -9,6 +9,8 @@ See ``config.example.yaml`` for every setting with comments.
 """
 from __future__ import annotations
 
+from plugin.yamlmarks import key_of, line_of
+
 import difflib
 import re
 from pathlib import Path
@@ -171,35 +173,6 @@ class Settings(_Strict):
 # ---------------------------------------------------------------------------
 # loading with line numbers
 
-def _line_of(doc: Any, loc: tuple) -> int:
-    """Best line (1-based) for a pydantic error location inside the ruamel document."""
-    node, line = doc, 1
-    for part in loc:
-        try:
-            if hasattr(node, "lc"):
-                if isinstance(part, int) and isinstance(node, list):
-                    if part < len(node):
-                        line = node.lc.item(part)[0] + 1
-                elif isinstance(node, dict) and part in node:
-                    line = node.lc.key(part)[0] + 1
-                else:
-                    line = node.lc.line + 1
-            node = node[part]
-        except (KeyError, IndexError, TypeError, AttributeError):
-            break
-    return line
-
-
-def _key_of(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     """Known keys of the model at a location (for "did you mean")."""
     cur: Any = model
@@ -337,10 +310,10 @@ def load_settings(path: str | Path, *, check_templates: bool = True) -> Settings
                 hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
                 msg = f"unknown key {loc[-1]!r}" + (f"; did you mean {hint[0]!r}?" if hint else
                                                      (f"; expected one of {', '.join(known)}" if known else ""))
-            errors.append((_line_of(doc, loc), f"{path}:{_line_of(doc, loc)}: {_key_of(loc) or '(top)'}: {msg}"))
+            errors.append((line_of(doc, loc), f"{path}:{line_of(doc, loc)}: {key_of(loc)}: {msg}"))
     tdir = raw.get("templates_dir") if isinstance(raw.get("templates_dir"), str) else None
     for loc, msg in _semantic_errors(raw, tdir, check_templates):
-        errors.append((_line_of(doc, loc), f"{path}:{_line_of(doc, loc)}: {_key_of(loc)}: {msg}"))
+        errors.append((line_of(doc, loc), f"{path}:{line_of(doc, loc)}: {key_of(loc)}: {msg}"))
     if errors:
         raise ConfigError([m for _, m in sorted(errors, key=lambda e: e[0])])
     assert settings is not None

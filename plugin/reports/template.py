@@ -39,6 +39,8 @@ Public API: :func:`load_template`, :func:`list_templates`, :class:`Template`,
 """
 from __future__ import annotations
 
+from plugin.yamlmarks import key_of, line_of
+
 import difflib
 import re
 from functools import cached_property
@@ -251,32 +253,6 @@ class Template(_Strict):
 # ---------------------------------------------------------------------------
 # loading with line numbers
 
-def _line_of(doc: Any, loc: tuple) -> int:
-    """Best line (1-based) for an error location inside the ruamel document."""
-    node, line = doc, 1
-    for part in loc:
-        try:
-            if hasattr(node, "lc"):
-                if isinstance(part, int) and isinstance(node, list):
-                    if part < len(node):
-                        line = node.lc.item(part)[0] + 1
-                elif isinstance(node, dict) and part in node:
-                    line = node.lc.key(part)[0] + 1
-                else:
-                    line = node.lc.line + 1
-            node = node[part]
-        except (KeyError, IndexError, TypeError, AttributeError):
-            break
-    return line
-
-
-def _key_of(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
-    return out or "(top)"
-
-
 def _inner_model(ann: Any) -> Any:
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return ann
@@ -451,7 +427,7 @@ def load_template(name_or_path: Union[str, Path],
         errors.extend(_pydantic_errors(ve))
     errors.extend(_semantic_errors(data, path.stem))
     if errors:
-        rows = sorted(((_line_of(doc, loc), _key_of(loc), msg) for loc, msg in errors),
+        rows = sorted(((line_of(doc, loc), key_of(loc), msg) for loc, msg in errors),
                       key=lambda r: r[0])
         raise TemplateError([f"{path}:{line}: {key}: {msg}" for line, key, msg in rows])
     assert template is not None
