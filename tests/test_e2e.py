@@ -65,6 +65,10 @@ def orthanc_study_objects(orthanc, study_uid: str) -> list[dict]:
 
 @pytest.fixture()
 def node(tmp_path, orthanc, demo_model_dir):
+    yield from run_node(tmp_path, orthanc, demo_model_dir)
+
+
+def run_node(tmp_path, orthanc, model_dir):
     port = free_port()
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"""
@@ -72,7 +76,7 @@ node: {{ae_title: CMR_AI, host: 127.0.0.1, port: {port}}}
 storage: {{path: {tmp_path / 'var' / 'dicom'}}}
 database: {{url: "sqlite:///{tmp_path / 'var' / 'cmr-ai.db'}"}}
 queue: {{broker: embedded}}
-models: {{demo: {{path: "{demo_model_dir}", quantization: nf4}}}}
+models: {{demo: {{path: "{model_dir}", quantization: nf4}}}}
 destinations:
   pacs: {{dimse: {{ae_title: {orthanc.aet}, host: 127.0.0.1, port: {orthanc.port}}}}}
   pacs-web: {{dicomweb: {{url: "{orthanc.dicomweb_url}"}}}}
@@ -171,3 +175,27 @@ def test_cardiac_studies_in_ai_draft_out_non_cardiac_ignored(node, orthanc, tmp_
     all_sr = requests.post(f"{base}/tools/find", json={"Level": "Series", "Query": {"Modality": "SR"}},
                            timeout=10).json()
     assert len(all_sr) == 3 * 2  # per cardiac study: the TID 1500 SR and the narrative SR
+
+
+def test_a_model_that_cannot_load_fails_the_job_with_the_reason(tmp_path, orthanc):
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "README.txt").write_text("weights go here")
+    gen = run_node(tmp_path, orthanc, not_a_model)
+    node = next(gen)
+    try:
+        study = write_study(tmp_path / "study", style="siemens", seed=21, slices=4, phases=6, size=64)
+        storescu(node["port"], tmp_path / "study")
+        deadline = time.monotonic() + 180
+        job = None
+        while time.monotonic() < deadline:
+            with db.session_scope(node["db"]) as s:
+                job = s.scalar(select(db.Job))
+                if job is not None and job.state.finished:
+                    break
+            time.sleep(1)
+        assert job is not None and job.state == db.JobState.FAILED, job and (job.state, job.error)
+        assert "infer" in job.error and "config.json" in job.error and str(not_a_model) in job.error
+        assert orthanc_study_objects(orthanc, study.study_instance_uid) == []
+    finally:
+        gen.close()

@@ -11,7 +11,9 @@ import logging
 import time
 from pathlib import Path
 
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from contextlib import contextmanager
+
+from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 from sqlalchemy import select
 
 from plugin import db
@@ -20,6 +22,33 @@ from worker.app import app, get_settings, var_dir
 from worker.bundle import AnalysisBundle, InferenceResult
 
 log = logging.getLogger("cmr_ai.tasks")
+
+
+@contextmanager
+def job_stage(task, settings, job_id: int, stage: str):
+    """Turn an unexpected error of a node-side stage into a failed job with the reason.
+
+    Database hiccups (SQLite busy, PostgreSQL restarting) are retried by Celery; a
+    job is never left half-way in PREPARING or REPORTING without a reason.
+    """
+    from sqlalchemy.exc import OperationalError
+
+    from plugin import jobs
+
+    try:
+        yield
+    except (Ignore, Retry):
+        raise
+    except OperationalError as e:
+        log.warning("%s: job %s: database error, retrying: %s", stage, job_id, e)
+        raise task.retry(exc=e, countdown=5, max_retries=5)
+    except SoftTimeLimitExceeded:
+        jobs.fail(settings, job_id, f"{stage}: time limit exceeded")
+        raise Ignore()
+    except Exception as e:
+        log.exception("%s: job %s failed", stage, job_id)
+        jobs.fail(settings, job_id, f"{stage}: {type(e).__name__}: {e}")
+        raise Ignore()
 
 
 def bundle_path(settings, job_id: int) -> Path:
@@ -43,22 +72,23 @@ def prepare(self, job_id: int) -> dict:
         log.info("prepare: job %s is finished or gone; nothing to do", job_id)
         raise Ignore()
     t0 = time.monotonic()
-    with db.session_scope(settings.database.url) as s:
-        study = s.get(db.Study, job.study_id)
-        study_uid = study.study_instance_uid
-        paths = [i.path for se in study.series for i in se.instances]
-    try:
-        template = load_template(job.template, settings.templates_dir)
-        _study, _cls, images, limitations = analyse_paths(paths)
-    except PrepareError as e:
-        jobs.fail(settings, job_id, f"prepare: {e}")
-        raise Ignore()
-    bundle = AnalysisBundle(job_id=job_id, study_instance_uid=study_uid, model=job.model, template=job.template,
-                            questions=template.questions(), images=images, impression=template.impression,
-                            limitations=limitations)
-    data = bundle.model_dump(mode="json")
-    write_atomic(bundle_path(settings, job_id), json.dumps(data).encode())
-    jobs.set_state(settings, job_id, db.JobState.INFERRING)
+    with job_stage(self, settings, job_id, "prepare"):
+        with db.session_scope(settings.database.url) as s:
+            study = s.get(db.Study, job.study_id)
+            study_uid = study.study_instance_uid
+            paths = [i.path for se in study.series for i in se.instances]
+        try:
+            template = load_template(job.template, settings.templates_dir)
+            _study, _cls, images, limitations = analyse_paths(paths)
+        except PrepareError as e:
+            jobs.fail(settings, job_id, f"prepare: {e}")
+            raise Ignore()
+        bundle = AnalysisBundle(job_id=job_id, study_instance_uid=study_uid, model=job.model,
+                                template=job.template, questions=template.questions(), images=images,
+                                impression=template.impression, limitations=limitations)
+        data = bundle.model_dump(mode="json")
+        write_atomic(bundle_path(settings, job_id), json.dumps(data).encode())
+        jobs.set_state(settings, job_id, db.JobState.INFERRING)
     log.info("prepare: job %s: %d images from %d instances in %.1f s; limitations: %s", job_id, len(images),
              len(paths), time.monotonic() - t0, "; ".join(limitations) or "none")
     return data
@@ -90,6 +120,7 @@ def report(self, result_data: dict) -> None:
     import pydicom
 
     from plugin import jobs, outbox
+    from plugin.export import dataset_bytes
     from plugin.reports.sc import build_secondary_capture
     from plugin.reports.sr import build_measurement_report, build_narrative_report
     from plugin.reports.template import load_template
@@ -102,41 +133,39 @@ def report(self, result_data: dict) -> None:
     job = jobs.set_state(settings, job_id, db.JobState.REPORTING)
     if job is None:
         raise Ignore()
-    result = InferenceResult.model_validate(result_data)
-    bundle = AnalysisBundle.model_validate_json(bundle_path(settings, job_id).read_text())
-    template = load_template(job.template, settings.templates_dir)
-    uids = {im.source.sop_instance_uid for im in bundle.images}
-    with db.session_scope(settings.database.url) as s:
-        rows = s.scalars(select(db.Instance).where(db.Instance.sop_instance_uid.in_(uids))).all()
-        paths = {r.sop_instance_uid: r.path for r in rows}
-    sources = {uid: pydicom.dcmread(p, stop_before_pixels=True) for uid, p in paths.items()}
-    missing = uids - set(sources)
-    if missing:
-        jobs.fail(settings, job_id, f"report: source instances no longer in the store: {sorted(missing)[:3]}")
-        return
-    lim = list(bundle.limitations)
-    objects = [("sr", build_measurement_report(template, result, bundle.images, sources, limitations=lim)),
-               ("text-sr", build_narrative_report(template, result, bundle.images, sources, limitations=lim)),
-               ("sc", build_secondary_capture(template, result, bundle.images, sources))]
-    out = results_dir(settings, bundle.study_instance_uid)
-    written = []
-    for kind, ds in objects:
-        path = out / f"{kind}-{ds.SOPInstanceUID}.dcm"
-        from io import BytesIO
-        buf = BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        write_atomic(path, buf.getvalue())
-        written.append((kind, str(ds.SOPInstanceUID), str(path)))
-    with db.session_scope(settings.database.url) as s:
-        job_row = s.get(db.Job, job_id)
-        existing = {(e.destination, e.sop_instance_uid) for e in job_row.exports}
-        for dest in job_row.destination_list:
-            for kind, uid, path in written:
-                if (dest, uid) not in existing:
-                    s.add(db.Export(job_id=job_id, destination=dest, sop_instance_uid=uid, path=path, kind=kind))
-        job_row.result_json = result.model_dump_json()
-        job_row.model_fingerprint = result.model_fingerprint
-        job_row.state = db.JobState.EXPORTING
+    with job_stage(self, settings, job_id, "report"):
+        result = InferenceResult.model_validate(result_data)
+        bundle = AnalysisBundle.model_validate_json(bundle_path(settings, job_id).read_text())
+        template = load_template(job.template, settings.templates_dir)
+        uids = {im.source.sop_instance_uid for im in bundle.images}
+        with db.session_scope(settings.database.url) as s:
+            rows = s.scalars(select(db.Instance).where(db.Instance.sop_instance_uid.in_(uids))).all()
+            paths = {r.sop_instance_uid: r.path for r in rows}
+        sources = {uid: pydicom.dcmread(p, stop_before_pixels=True) for uid, p in paths.items()}
+        missing = uids - set(sources)
+        if missing:
+            jobs.fail(settings, job_id, f"report: source instances no longer in the store: {sorted(missing)[:3]}")
+            raise Ignore()
+        lim = list(bundle.limitations)
+        objects = [("sr", build_measurement_report(template, result, bundle.images, sources, limitations=lim)),
+                   ("text-sr", build_narrative_report(template, result, bundle.images, sources, limitations=lim)),
+                   ("sc", build_secondary_capture(template, result, bundle.images, sources))]
+        out = results_dir(settings, bundle.study_instance_uid)
+        written = []
+        for kind, ds in objects:
+            path = out / f"{kind}-{ds.SOPInstanceUID}.dcm"
+            write_atomic(path, dataset_bytes(ds))
+            written.append((kind, str(ds.SOPInstanceUID), str(path)))
+        with db.session_scope(settings.database.url) as s:
+            job_row = s.get(db.Job, job_id)
+            existing = {(e.destination, e.sop_instance_uid) for e in job_row.exports}
+            for dest in job_row.destination_list:
+                for kind, uid, path in written:
+                    if (dest, uid) not in existing:
+                        s.add(db.Export(job_id=job_id, destination=dest, sop_instance_uid=uid, path=path, kind=kind))
+            job_row.result_json = result.model_dump_json()
+            job_row.model_fingerprint = result.model_fingerprint
+            job_row.state = db.JobState.EXPORTING
     log.info("report: job %s: %s", job_id, ", ".join(f"{k} {p}" for k, _, p in written))
     outbox.flush(settings, job_id)
     outbox.settle_job(settings, job_id)
