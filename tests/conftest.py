@@ -1,3 +1,10 @@
+"""Shared fixtures. Keep them generic; add yours below.
+
+Real peers come from ``peers.py``. A missing peer program is a test *failure* with a
+clear message, never a skip: a suite that silently skips its integration tests
+proves nothing. When a test fails, the log of every peer it started (Orthanc's
+stdout/stderr) is attached to the failure report.
+"""
 from __future__ import annotations
 
 import os
@@ -6,21 +13,74 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Test traffic is for 127.0.0.1 only: never let a proxy from the environment carry it.
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(
+    x for x in ("127.0.0.1", "localhost", os.environ.get("NO_PROXY", ""), os.environ.get("no_proxy", "")) if x)
+
+
+# ---------------------------------------------------------------------------
+# peer logs on failure
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        for peer in getattr(item, "_cmr_peers", ()):
+            rep.sections.append((f"log of {peer!r}", peer.log_tail()))
+
+
+def _track(request, peer) -> None:
+    node = request.node
+    if not hasattr(node, "_cmr_peers"):
+        node._cmr_peers = []
+    node._cmr_peers.append(peer)
+
+
+# ---------------------------------------------------------------------------
+# Orthanc
+
+@pytest.fixture()
+def make_orthanc(tmp_path, request):
+    """Start real Orthancs: ``make_orthanc(config={...}, modalities={...}, aet="ORTHANC")``.
+
+    Each gets its own directory and free DICOM/HTTP ports (~0.1 s to start) and is
+    killed at teardown (its directory is thrown away, so no graceful 3 s stop).
+    Fails, never skips, when Orthanc is not installed.
+    """
+    from peers import Orthanc, PeerMissing
+
+    started = []
+
+    def make(**kwargs) -> Orthanc:
+        try:
+            o = Orthanc(tmp_path / f"orthanc{len(started) or ''}", **kwargs)
+        except PeerMissing as e:
+            missing = str(e)
+        else:
+            missing = None
+        if missing:
+            pytest.fail(missing, pytrace=False)
+        started.append(o)
+        _track(request, o)
+        return o
+
+    try:
+        yield make
+    finally:
+        for o in started:
+            o.stop(graceful=False)
 
 
 @pytest.fixture()
-def orthanc(tmp_path):
-    """A real Orthanc (PACS) with DICOMweb on free ports; fails (never skips) when not installed."""
-    from peers import Orthanc
+def orthanc(make_orthanc):
+    """A real Orthanc (PACS) with DICOMweb on free ports: ``.aet``, ``.port``, ``.dicomweb_url``,
+    ``.instances()``, ``.find_instance(uid)`` …; fails (never skips) when not installed."""
+    return make_orthanc()
 
-    o = Orthanc(tmp_path / "orthanc")
-    try:
-        yield o
-    finally:
-        o.stop()
-        if os.environ.get("CMR_AI_SHOW_ORTHANC_LOG"):
-            print(o.log_path.read_text()[-4000:])
 
+# ---------------------------------------------------------------------------
+# models
 
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory):

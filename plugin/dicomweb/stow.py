@@ -1,98 +1,244 @@
-"""STOW-RS export with dicomweb-client (PS3.18 §10.5).
+"""STOW-RS export with dicomweb-client (PS3.18 §10.5 Store Transaction).
 
-Gotcha: ``store_instances`` does not raise when the server rejects some instances;
-the response dataset's FailedSOPSequence (0008,1198) says which, with a
-FailureReason (0008,1197). We read it ourselves.
+Gotchas this module handles, all seen with real servers:
+
+- ``DICOMwebClient.store_instances`` does not raise when the server refuses some
+  instances with 200/202: the Store Instances Response (PS3.18 §10.5.3) says which,
+  in (0008,1198) FailedSOPSequence with a (0008,1197) FailureReason, and which were
+  stored, in (0008,1199) ReferencedSOPSequence. We read it ourselves.
+- An instance in neither sequence was not stored either: Orthanc answers 200 with
+  both sequences empty when its storage is full.
+- A 409 (some or all failed) or 400 carries the same response body, and Orthanc
+  sends it without a Content-Type; dicomweb-client raises ``HTTPError`` and only
+  parses bodies whose Content-Type is exactly ``application/dicom+json``. We keep
+  the raw HTTP response (a session hook) and parse its body whatever the header says.
+- dicomweb-client retries 429/503/504 with exponential back-off inside the call
+  (up to ~15 s); the outbox has its own back-off, so that retry is switched off.
 """
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
+from typing import Optional
 
 import requests
 from dicomweb_client import DICOMwebClient
 from pydicom import Dataset
 
-from plugin.export import ExportError, StoreOutcome
+from plugin.config import DicomwebTarget
+from plugin.export import (ExportError, StoreOutcome, describe_status, part10,
+                           retryable_status)
+from plugin.storage import check_uid
+
+__all__ = ["client", "parse_response", "store"]
+
+log = logging.getLogger("cmr_ai.stow")
 
 
-def client(target) -> DICOMwebClient:
-    session = requests.Session()
+def client(target: DicomwebTarget, session: Optional[requests.Session] = None) -> DICOMwebClient:
+    """A DICOMwebClient for the target: basic auth, bearer token from ``token_file``, timeout.
+
+    Raises
+    ------
+    OSError
+        When ``token_file`` cannot be read.
+    """
+    session = session or requests.Session()
     if target.username:
         session.auth = (target.username, target.password or "")
-    headers = {}
+    headers = None
     if target.token_file:
-        headers["Authorization"] = "Bearer " + Path(target.token_file).expanduser().read_text().strip()
-    c = DICOMwebClient(url=target.url, session=session, headers=headers or None, timeout=target.timeout)
-    c.set_http_retry_params(retry=False)  # the outbox retries, with back-off, without blocking a flush
+        token = Path(target.token_file).expanduser().read_text().strip()
+        headers = {"Authorization": f"Bearer {token}"}
+    c = DICOMwebClient(url=target.url, session=session, headers=headers, timeout=target.timeout)
+    c.set_http_retry_params(retry=False)  # the outbox retries, with its own back-off
     return c
 
 
-def parse_response(response: Dataset | None, sent: list[str]) -> list[StoreOutcome]:
-    """Per-instance outcomes from a STOW-RS response dataset."""
-    failed: dict[str, str] = {}
-    refs: set[str] = set()
+def _body_dataset(response: Optional[requests.Response]) -> Optional[Dataset]:
+    """The Store Instances Response in a DICOM JSON body, or None if there is none."""
+    if response is None or not response.content:
+        return None
+    try:
+        doc = json.loads(response.content)
+    except ValueError:
+        return None
+    if isinstance(doc, list) and len(doc) == 1:  # some servers wrap the dataset in an array
+        doc = doc[0]
+    if not isinstance(doc, dict):
+        return None
+    try:
+        return Dataset.from_json(doc)
+    except Exception:  # not DICOM JSON
+        return None
+
+
+def _is_store_response(ds: Optional[Dataset]) -> bool:
+    return ds is not None and ("FailedSOPSequence" in ds or "ReferencedSOPSequence" in ds)
+
+
+def _reason(item: Dataset, keyword: str) -> Optional[int]:
+    v = item.get(keyword)
+    try:
+        return int(v) if v is not None and v != "" else None
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_response(response: Optional[Dataset], sent: list[str], *, http_status: int = 200) -> list[StoreOutcome]:
+    """Per-instance outcomes from a Store Instances Response (PS3.18 §10.5.3).
+
+    Parameters
+    ----------
+    response:
+        The response dataset; None when the server sent no body at all.
+    sent:
+        SOP Instance UIDs sent, in order; one outcome is returned for each.
+    http_status:
+        The HTTP status of the response: an instance the response does not mention
+        is retryable after a 2xx (the server dropped it: e.g. storage full) and not
+        after a 4xx (it refused the request).
+
+    Returns
+    -------
+    list[StoreOutcome]
+        In FailedSOPSequence: failed, "STOW-RS failure reason 0xXXXX <meaning>"; retryable for
+        0xA7xx. In ReferencedSOPSequence: stored (with its WarningReason if any).
+        In neither: failed. With no body at all and a 2xx: stored (nothing to check).
+    """
+    failed: dict[str, Optional[int]] = {}
+    stored: dict[str, Optional[int]] = {}
     if response is not None:
-        for item in response.get("FailedSOPSequence", []) or []:
-            reason = item.get("FailureReason")
-            failed[str(item.get("ReferencedSOPInstanceUID", ""))] = (
-                f"STOW-RS failure reason 0x{int(reason):04X}" if reason is not None else "STOW-RS failure")
-        for item in response.get("ReferencedSOPSequence", []) or []:
-            refs.add(str(item.get("ReferencedSOPInstanceUID", "")))
+        for item in response.get("FailedSOPSequence", None) or []:
+            failed[str(item.get("ReferencedSOPInstanceUID", "") or "")] = _reason(item, "FailureReason")
+        for item in response.get("ReferencedSOPSequence", None) or []:
+            stored[str(item.get("ReferencedSOPInstanceUID", "") or "")] = _reason(item, "WarningReason")
     out = []
     for uid in sent:
         if uid in failed:
             code = failed[uid]
-            retryable = "0xA7" in code  # out of resources
-            out.append(StoreOutcome(uid, False, code, retryable=retryable))
-        elif response is None or uid in refs or not refs:
-            out.append(StoreOutcome(uid, True, "stored (STOW-RS)"))
+            if code is None:
+                out.append(StoreOutcome(uid, False, f"STOW-RS failure (no FailureReason, HTTP {http_status})",
+                                        retryable=False))
+            else:
+                out.append(StoreOutcome(uid, False, f"STOW-RS failure reason {describe_status(code)}",
+                                        retryable=retryable_status(code)))
+        elif uid in stored:
+            warning = stored[uid]
+            out.append(StoreOutcome(uid, True, f"stored (STOW-RS HTTP {http_status}"
+                                    + (f", warning {describe_status(warning)})" if warning else ")")))
+        elif response is None and 200 <= http_status < 300:
+            out.append(StoreOutcome(uid, True, f"stored (STOW-RS HTTP {http_status}, no response body to check)"))
         else:
-            out.append(StoreOutcome(uid, False, "not referenced in the STOW-RS response", retryable=True))
+            out.append(StoreOutcome(uid, False, f"STOW-RS HTTP {http_status}: the server's response neither "
+                                    "references nor lists it as failed; it was not stored",
+                                    retryable=http_status < 400))
     return out
 
 
-def _response_dataset(response) -> Dataset | None:
-    """The STOW-RS response dataset from an HTTP response (DICOM JSON or Part 10 XML-less binary)."""
-    try:
-        return Dataset.from_json(response.json())
-    except Exception:
-        pass
-    try:
-        import io
-
-        import pydicom
-
-        return pydicom.dcmread(io.BytesIO(response.content), force=True)
-    except Exception:
-        return None
+def _http_error_text(resp: Optional[requests.Response]) -> str:
+    if resp is None:
+        return "HTTP error"
+    body = " ".join((resp.text or "")[:300].split())
+    return f"HTTP {resp.status_code} {resp.reason or ''}".rstrip() + (f": {body}" if body else "")
 
 
-def store(target, datasets: list[Dataset], study_instance_uid: str | None = None) -> list[StoreOutcome]:
-    """STOW-RS the datasets in one request (to ``/studies`` or ``/studies/{study_instance_uid}``).
+def store(target: DicomwebTarget, datasets: list[Dataset], *,
+          study_instance_uid: Optional[str] = None) -> list[StoreOutcome]:
+    """STOW-RS the datasets in one request.
 
-    A 409 Conflict carries the same response dataset as a 200: its FailedSOPSequence
-    becomes per-instance failures rather than an exception.
+    Parameters
+    ----------
+    target:
+        The origin server (its base URL, e.g. ``https://pacs/dicom-web``), credentials, timeout.
+    datasets:
+        The instances; each is sent as a PS3.10 file in its own transfer syntax
+        (Explicit VR Little Endian when built in memory). They are not modified.
+    study_instance_uid:
+        When given, POST to ``{url}/studies/{uid}``: the server then refuses any
+        instance of another study (Orthanc: FailureReason 0x0110).
+
+    Returns
+    -------
+    list[StoreOutcome]
+        One per dataset, in order (see :func:`parse_response`). Datasets without
+        SOP Class or Instance UID are failures and are not sent.
 
     Raises
     ------
     ExportError
-        Connection errors, timeouts, 5xx and 429 are retryable; other 4xx are not.
+        Connection errors, timeouts, HTTP 5xx and 429 are retryable; other HTTP
+        errors without a Store Instances Response body (401, 403, 404, …), an
+        unreadable token file and a malformed ``study_instance_uid`` are not.
     """
     if not datasets:
         return []
-    sent = [str(ds.SOPInstanceUID) for ds in datasets]
+    payloads: list[Dataset] = []
+    early: dict[int, StoreOutcome] = {}
+    for i, ds in enumerate(datasets):
+        try:
+            payloads.append(part10(ds))
+        except ValueError as e:
+            early[i] = StoreOutcome(str(ds.get("SOPInstanceUID", "") or ""), False, f"not sent: {e}")
+    if study_instance_uid is not None:
+        try:
+            study_instance_uid = check_uid(study_instance_uid, "study_instance_uid")
+        except ValueError as e:
+            raise ExportError(f"STOW-RS to {target.url}: {e}", retryable=False) from None
+    results = iter(_send(target, payloads, study_instance_uid) if payloads else [])
+    return [early[i] if i in early else next(results) for i in range(len(datasets))]
+
+
+def _send(target: DicomwebTarget, payloads: list[Dataset], study_instance_uid: Optional[str]) -> list[StoreOutcome]:
+    sent = [str(ds.SOPInstanceUID) for ds in payloads]
+    where = f"STOW-RS to {target.url}" + (f"/studies/{study_instance_uid}" if study_instance_uid else "")
+    seen: list[requests.Response] = []
+    session = requests.Session()
+    session.hooks["response"].append(lambda r, *args, **kwargs: seen.append(r))
     try:
-        response = client(target).store_instances(datasets, study_instance_uid=study_instance_uid)
+        c = client(target, session)
+    except OSError as e:
+        raise ExportError(f"{where}: cannot read token_file: {e}", retryable=False) from None
+    except ValueError as e:  # dicomweb-client refuses the URL
+        raise ExportError(f"{where}: {e}", retryable=False) from None
+    try:
+        returned: Optional[Dataset] = c.store_instances(payloads, study_instance_uid=study_instance_uid)
     except requests.exceptions.HTTPError as e:
-        code = e.response.status_code if e.response is not None else 0
-        body = (e.response.text[:300] if e.response is not None else "").strip()
-        if code == 409 and e.response is not None:  # some or all instances failed: read the body
-            parsed = _response_dataset(e.response)
-            if parsed is not None:
-                return parse_response(parsed, sent)
-        raise ExportError(f"STOW-RS to {target.url}: HTTP {code} {body}", retryable=code >= 500 or code == 429)
+        resp = e.response
+        code = resp.status_code if resp is not None else 0
+        body = _body_dataset(resp)
+        if 400 <= code < 500 and code != 429 and _is_store_response(body):
+            # 409 "some or all failed" (or 400) with a Store Instances Response: per instance
+            outcomes = parse_response(body, sent, http_status=code)
+            _log(where, outcomes)
+            return outcomes
+        raise ExportError(f"{where}: {_http_error_text(resp)}", retryable=code >= 500 or code == 429) from None
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
-        raise ExportError(f"STOW-RS to {target.url}: {type(e).__name__}: {e}", retryable=True)
-    except OSError as e:  # token file unreadable
-        raise ExportError(f"STOW-RS to {target.url}: {e}", retryable=False)
-    return parse_response(response, sent)
+        raise ExportError(f"{where}: cannot reach the server: {type(e).__name__}: {e}", retryable=True) from None
+    except requests.exceptions.RequestException as e:  # broken transfer, too many redirects …
+        raise ExportError(f"{where}: {type(e).__name__}: {e}", retryable=True) from None
+    except Exception as e:
+        if not seen:  # nothing went out: a dataset dicomweb-client could not encode
+            raise ExportError(f"{where}: not sent: {type(e).__name__}: {e}", retryable=False) from None
+        returned = None  # it could not read a 2xx answer (e.g. no Content-Type): we read it below
+    finally:
+        session.close()
+    resp = seen[-1] if seen else None
+    code = resp.status_code if resp is not None else 200
+    body = _body_dataset(resp)
+    if body is None and returned is not None and len(returned) > 0:
+        body = returned  # an XML response, parsed by dicomweb-client
+    if body is None and resp is not None and resp.content:
+        raise ExportError(f"{where}: HTTP {code} with a response that is not a Store Instances Response "
+                          f"({resp.headers.get('Content-Type', 'no Content-Type')}): "
+                          f"{resp.text[:200]!r}", retryable=False)
+    outcomes = parse_response(body, sent, http_status=code)
+    _log(where, outcomes)
+    return outcomes
+
+
+def _log(where: str, outcomes: list[StoreOutcome]) -> None:
+    for o in outcomes:
+        if not o.ok:
+            log.warning("%s: %s %s", where, o.sop_instance_uid, o.status)

@@ -1,91 +1,227 @@
-"""C-STORE / C-ECHO SCU (pynetdicom): one association per batch, a status per instance."""
+"""C-STORE and C-ECHO SCU (PS3.4 Annex B and A; pynetdicom).
+
+One association per batch, one status per instance. Presentation contexts are
+proposed for exactly what is sent: each SOP class with the transfer syntax the
+instance already has (a file keeps its transfer syntax; a dataset built in memory
+goes as Explicit VR Little Endian), plus the uncompressed syntaxes for
+uncompressed data so pynetdicom may re-encode if the peer prefers another one.
+
+Whole-send failures (cannot connect, association rejected or aborted, association
+lost mid-way) raise :class:`plugin.export.ExportError`; a refused instance is a
+:class:`plugin.export.StoreOutcome` carrying the hex status and its meaning. The
+association is always released (or aborted) before returning.
+"""
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Union
 
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian)
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.status import code_to_category
 
-from plugin.export import ExportError, StoreOutcome
+from plugin.config import DimseTarget
+from plugin.export import (ExportError, StoreOutcome, describe_status, is_success, part10,
+                           retryable_status)
+
+__all__ = ["echo", "store"]
 
 log = logging.getLogger("cmr_ai.scu")
 
-# Failures worth retrying: out of resources (A7xx) and the "processing failure" 0x0110.
-_RETRYABLE_PREFIX = (0xA7,)
+DatasetOrPath = Union[Dataset, str, os.PathLike]
+_MAX_CONTEXTS = 128  # PS3.8 §9.3.2.2: odd context IDs 1..255
+_UNCOMPRESSED = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
+                 DeflatedExplicitVRLittleEndian)
 
 
-def _status_text(code: int) -> str:
-    from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
-
-    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", ""))
-    return f"0x{code:04X} {meaning[0]} {meaning[1]}".strip()
-
-
-def _ae(calling_ae: str, datasets: list[Dataset]) -> AE:
-    ae = AE(ae_title=calling_ae)
-    pairs = set()
-    for ds in datasets:
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) or ExplicitVRLittleEndian
-        pairs.add((str(ds.SOPClassUID), str(ts)))
-    for sop, ts in sorted(pairs):
-        tss = [ts] + [t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if t != ts]
-        ae.add_requested_context(sop, tss)
-    return ae
+@dataclass
+class _Item:
+    uid: str
+    sop_class: str = ""
+    transfer_syntax: str = ""
+    payload: Optional[DatasetOrPath] = None  # what send_c_store gets
+    error: Optional[str] = None  # why it is not sent
 
 
-def store(target, datasets: Iterable[Dataset], *, calling_ae: str = "CMR_AI") -> list[StoreOutcome]:
-    """C-STORE every dataset over one association.
+def _item(obj: DatasetOrPath) -> _Item:
+    if isinstance(obj, Dataset):
+        uid = str(obj.get("SOPInstanceUID", "") or "")
+        try:
+            ds = part10(obj)
+        except ValueError as e:
+            return _Item(uid, error=f"not sent: {e}")
+        return _Item(uid, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID), ds)
+    path = Path(obj)
+    try:
+        meta = read_file_meta_info(path)
+    except (OSError, InvalidDicomError) as e:
+        return _Item("", error=f"not sent: cannot read {path}: {e}")
+    missing = [k for k in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
+               if not meta.get(k)]
+    if missing:
+        return _Item(str(meta.get("MediaStorageSOPInstanceUID", "") or ""),
+                     error=f"not sent: {path} has no {', '.join(missing)} in its file meta information")
+    return _Item(str(meta.MediaStorageSOPInstanceUID), str(meta.MediaStorageSOPClassUID),
+                 str(meta.TransferSyntaxUID), str(path))
+
+
+def _add_contexts(ae: AE, items: list[_Item]) -> None:
+    """One context per SOP class for uncompressed data, one per (SOP class, compressed syntax)."""
+    uncompressed: dict[str, list[str]] = {}
+    compressed: set[tuple[str, str]] = set()
+    for it in items:
+        if it.transfer_syntax not in _UNCOMPRESSED:  # compressed, or a private syntax: as it is
+            compressed.add((it.sop_class, it.transfer_syntax))
+        else:
+            syntaxes = uncompressed.setdefault(it.sop_class, [])
+            for t in (it.transfer_syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+                if t not in syntaxes:
+                    syntaxes.append(t)
+    n = len(uncompressed) + len(compressed)
+    if n > _MAX_CONTEXTS:
+        raise ExportError(f"{n} SOP class / transfer syntax combinations in one batch: more than the "
+                          f"{_MAX_CONTEXTS} presentation contexts one association can carry; send smaller batches",
+                          retryable=False)
+    for sop, syntaxes in sorted(uncompressed.items()):
+        ae.add_requested_context(sop, syntaxes)
+    for sop, ts in sorted(compressed):
+        ae.add_requested_context(sop, [ts])
+
+
+def _peer(target: DimseTarget) -> str:
+    return f"{target.ae_title}@{target.host}:{target.port}"
+
+
+def _associate(ae: AE, target: DimseTarget):
+    """Request an association; raise a retryable ExportError with the reason if none is made."""
+    answers: list = []
+
+    def on_acse(event):  # keep the A-ASSOCIATE-RJ so the error can say why
+        if getattr(event.primitive, "result", None) in (0x01, 0x02):
+            answers.append(event.primitive)
+
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = target.timeout
+    ae.connection_timeout = target.timeout
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title,
+                         evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
+    if assoc.is_established:
+        return assoc
+    if assoc.is_rejected:
+        rj = answers[-1] if answers else None
+        why = (f"rejected ({rj.result_str}, by the {rj.source_str}: {rj.reason_str})" if rj is not None
+               else "rejected")
+    elif assoc.is_aborted:
+        why = "aborted by the peer during negotiation"
+    else:
+        why = f"could not be made (connection refused, or no answer within {target.timeout:g} s)"
+    raise ExportError(f"association {ae.ae_title} -> {_peer(target)} {why}", retryable=True)
+
+
+def _outcome(uid: str, status: Dataset) -> StoreOutcome:
+    code = int(status.Status)
+    text = describe_status(code)
+    comment = str(status.get("ErrorComment", "") or "").strip()
+    if comment:
+        text += f" ({comment})"
+    ok = is_success(code)
+    return StoreOutcome(uid, ok, text, retryable=(not ok) and retryable_status(code))
+
+
+def store(target: DimseTarget, datasets_or_paths: Iterable[DatasetOrPath], *,
+          calling_ae: str = "CMR_AI") -> list[StoreOutcome]:
+    """C-STORE every dataset or file over one association.
+
+    Parameters
+    ----------
+    target:
+        The peer; its ``calling_ae_title``, when set, wins over ``calling_ae``.
+    datasets_or_paths:
+        ``pydicom.Dataset`` objects and/or paths of DICOM files. A file is sent in
+        its own transfer syntax; a dataset in ``ds.file_meta.TransferSyntaxUID``,
+        or Explicit VR Little Endian when it has none. Datasets are not modified.
+    calling_ae:
+        Our AE title.
+
+    Returns
+    -------
+    list[StoreOutcome]
+        One per input, in order: ``ok`` for success and warning statuses;
+        ``retryable`` for 0xA7xx (out of resources). Inputs without SOP Class/Instance
+        UID, unreadable files and instances whose presentation context the peer
+        refused are failures that are not retryable.
 
     Raises
     ------
     ExportError
-        When the association cannot be made (retryable) or breaks off mid-way.
+        Retryable, when the association cannot be made, is rejected or aborted, or
+        is lost before every instance got a response.
     """
-    datasets = list(datasets)
-    if not datasets:
-        return []
-    ae = _ae(calling_ae, datasets)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = target.timeout
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
-    if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "could not be made"
-        raise ExportError(f"association with {target.ae_title}@{target.host}:{target.port} {why}", retryable=True)
+    items = [_item(x) for x in datasets_or_paths]
+    sendable = [it for it in items if it.error is None]
+    if not sendable:
+        return [StoreOutcome(it.uid, False, it.error or "not sent") for it in items]
+    ae = AE(ae_title=target.calling_ae_title or calling_ae)
+    _add_contexts(ae, sendable)
+    assoc = _associate(ae, target)
     out: list[StoreOutcome] = []
+    clean = False
     try:
-        for ds in datasets:
-            uid = str(ds.SOPInstanceUID)
+        for n, it in enumerate(items):
+            if it.error is not None:
+                out.append(StoreOutcome(it.uid, False, it.error))
+                continue
+            if not assoc.is_established:
+                raise ExportError(f"association {ae.ae_title} -> {_peer(target)} "
+                                  f"{'aborted by the peer' if assoc.is_aborted else 'lost'} after {n} of "
+                                  f"{len(items)} instance(s)", retryable=True)
+            t0 = time.monotonic()
             try:
-                status = assoc.send_c_store(ds)
-            except ValueError as e:  # no accepted presentation context
-                out.append(StoreOutcome(uid, False, f"not sent: {e}", retryable=False))
+                status = assoc.send_c_store(it.payload)
+            except (ValueError, AttributeError) as e:  # no accepted presentation context, cannot encode
+                out.append(StoreOutcome(it.uid, False, f"not sent: {e}", retryable=False))
                 continue
             if not status or "Status" not in status:
-                raise ExportError(f"no C-STORE response from {target.ae_title} for {uid} (association lost)",
-                                  retryable=True)
-            code = int(status.Status)
-            cat = code_to_category(code)
-            ok = cat in ("Success", "Warning")
-            out.append(StoreOutcome(uid, ok, _status_text(code),
-                                    retryable=(not ok) and (code >> 8) in _RETRYABLE_PREFIX))
+                # pynetdicom returns an empty status both when the peer aborts and when the
+                # DIMSE timeout expires (it then aborts the association itself)
+                waited = time.monotonic() - t0
+                why = (f"no response within the {target.timeout:g} s timeout" if waited >= 0.9 * target.timeout
+                       else "the peer aborted the association or the connection was lost")
+                raise ExportError(f"C-STORE of {it.uid} to {_peer(target)} got no status: {why}; "
+                                  f"{n} of {len(items)} instance(s) had been answered", retryable=True)
+            o = _outcome(it.uid, status)
+            if not o.ok:
+                log.warning("C-STORE %s to %s: %s", it.uid, _peer(target), o.status)
+            out.append(o)
+        clean = True
     finally:
         if assoc.is_established:
-            assoc.release()
+            if clean:
+                assoc.release()
+            else:
+                assoc.abort()
     return out
 
 
-def echo(target, calling_ae: str = "CMR_AI") -> bool:
-    ae = AE(ae_title=calling_ae)
+def echo(target: DimseTarget, calling_ae: str = "CMR_AI") -> bool:
+    """C-ECHO the peer (PS3.4 Annex A); True when it answers with Success."""
+    ae = AE(ae_title=target.calling_ae_title or calling_ae)
     ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = target.timeout
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
-    if not assoc.is_established:
+    try:
+        assoc = _associate(ae, target)
+    except ExportError as e:
+        log.info("C-ECHO: %s", e)
         return False
     try:
-        st = assoc.send_c_echo()
-        return bool(st) and st.Status == 0
+        status = assoc.send_c_echo()
+        return bool(status) and int(status.get("Status", -1)) == 0
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
