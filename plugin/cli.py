@@ -1,4 +1,4 @@
-"""``cmr-ai`` command line: serve | worker | phantom | demo | rules check."""
+"""``cmr-ai`` command line: serve | worker | phantom | demo | inspect | rules check."""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +68,46 @@ def cmd_demo(args) -> int:
     return run_demo(workdir=args.workdir, keep_running=False, verbose=args.verbose)
 
 
+def cmd_inspect(args) -> int:
+    import warnings
+
+    from plugin.cardiac.inspect import inspect_study, print_report, render_contact_sheet
+
+    if args.verbose:
+        _logging(True)
+    quiet = logging.getLogger("plugin.cardiac")
+    level = quiet.level
+    if not args.verbose:  # the report says what went wrong; no tracebacks on the terminal
+        quiet.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            if not args.verbose:
+                warnings.simplefilter("ignore")
+            report = inspect_study(args.study_dir)
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"cmr-ai inspect: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        quiet.setLevel(level)
+    if args.sheet:
+        if report.bundle_images:
+            out = render_contact_sheet(report.bundle_images, args.sheet, study_uid=report.study_instance_uid,
+                                       series_numbers=report.series_numbers())
+            if not args.json:
+                print(f"contact sheet: {out} ({len(report.bundle_images)} images)")
+        else:
+            print("cmr-ai inspect: no analysis image: contact sheet not written", file=sys.stderr)
+    if args.json:
+        print(report.to_json())
+    else:
+        print_report(report)
+    if report.error:
+        if args.json:
+            print(f"cmr-ai inspect: {report.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_rules_check(args) -> int:
     from plugin.config import ConfigError, load_settings
 
@@ -106,6 +146,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     sp.add_argument("--workdir", default="./var/demo")
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("inspect", help="what the node understands of a study folder, and what the model sees")
+    sp.add_argument("study_dir", help="folder of DICOM files (searched recursively, any file name)")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON only")
+    sp.add_argument("--sheet", metavar="OUT.png", help="write a contact sheet of the analysis images")
+    sp.add_argument("-v", "--verbose", action="store_true")
+    sp.set_defaults(fn=cmd_inspect)
 
     sp = sub.add_parser("rules", help="routing rules")
     rsub = sp.add_subparsers(dest="rules_cmd", required=True)

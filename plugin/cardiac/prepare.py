@@ -7,6 +7,11 @@ What is rendered (keys of the :class:`~worker.bundle.BundleImage` s):
   and end-systole: ``SAX_basal_ED``, ``SAX_basal_ES``, ``SAX_mid_ED`` … ``SAX_apical_ES``.
 - each long-axis view present: ``2CH_ED``, ``2CH_ES``, ``3CH_ED`` … ``4CH_ES``.
 
+:func:`prepare_images` returns the images and the limitations; :func:`prepare_study`
+(which it wraps) also says what was chosen per view (:class:`Selection`: series,
+ED/ES phase indices and how ES was found, basal/mid/apical slice indices), for
+``cmr-ai inspect``.
+
 Phases. ED is the first phase (smallest trigger time: the R wave). ES is the phase
 with the smallest LV blood-pool area in the mid SAX slice, searched between 10 %
 and 65 % of the cycle: the blood pool is the bright, round connected region near
@@ -31,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -55,7 +60,15 @@ ES_SEARCH = (0.10, 0.65)  # fraction of the cycle searched for the smallest bloo
 
 
 class PrepareError(RuntimeError):
-    """Nothing analysable in the study; the message names the series and why."""
+    """Nothing analysable in the study; the message names the series and why.
+
+    ``selections`` holds what :func:`prepare_study` had chosen per view before every
+    view failed to render (empty when there was no cine to choose from).
+    """
+
+    def __init__(self, message: str, *, selections: Optional[dict] = None) -> None:
+        super().__init__(message)
+        self.selections: dict = dict(selections or {})
 
 
 # ---------------------------------------------------------------------------- pixels
@@ -443,6 +456,39 @@ def _summary(study: Study, classifications: dict[str, Classification]) -> str:
     return "; ".join(parts) if parts else "no MR image series"
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What was chosen from one cine view: the series, the phases and (SAX) the slices.
+
+    ``ed_phase`` / ``es_phase`` are 0-based indices into the cine's phases in trigger-time
+    order (one per trigger time; for the SAX stack those of the mid slice). ``slices``
+    maps ``basal`` / ``mid`` / ``apical`` to 0-based slice indices in the stack ordered
+    base → apex (``n_slices`` slices, before end slices without an LV blood pool are
+    dropped). ``error`` says why nothing was rendered from the view although it was
+    selected (a frame that could not be decoded); the other fields then hold what was
+    decided before the failure.
+    """
+
+    view: View
+    series_uids: tuple[str, ...]
+    n_phases: int = 0
+    ed_phase: Optional[int] = None
+    es_phase: Optional[int] = None
+    es_method: str = ""
+    n_slices: int = 1
+    slices: dict[str, int] = field(default_factory=dict)
+    error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """The result of :func:`prepare_study`: images, limitations and what was selected per view."""
+
+    images: list[BundleImage]
+    limitations: list[str]
+    selections: dict[View, Selection]
+
+
 def prepare_images(study: Study, classifications: dict[str, Classification], *,
                    size: int = RENDER_SIZE) -> tuple[list[BundleImage], list[str]]:
     """Render the ED/ES images of the SAX stack and of each long-axis view.
@@ -466,9 +512,30 @@ def prepare_images(study: Study, classifications: dict[str, Classification], *,
         No SAX stack and no long-axis cine in the study (the message lists every
         series with its view), or none of their frames could be decoded.
     """
+    prepared = prepare_study(study, classifications, size=size)
+    return prepared.images, prepared.limitations
+
+
+def prepare_study(study: Study, classifications: dict[str, Classification], *,
+                  size: int = RENDER_SIZE) -> Preparation:
+    """:func:`prepare_images`, also returning which series, phases and slices were chosen.
+
+    Returns
+    -------
+    Preparation
+        ``images`` and ``limitations`` exactly as :func:`prepare_images` returns them,
+        and a :class:`Selection` for every cine view that was selected (SAX, 2CH, 3CH,
+        4CH), including those whose frames could not be decoded.
+
+    Raises
+    ------
+    PrepareError
+        As :func:`prepare_images`.
+    """
     reader = FrameReader()
     images: list[BundleImage] = []
     limitations: list[str] = []
+    selections: dict[View, Selection] = {}
     sax, sax_note = _sax_locations(study, classifications)
     lax = {v: _lax_location(study, classifications, v) for v in LONG_AXIS}
     if not sax and not any(lax.values()):
@@ -479,6 +546,8 @@ def prepare_images(study: Study, classifications: dict[str, Classification], *,
     es_fraction: Optional[float] = None
     untimed_fallback = False
     if sax:
+        sel: dict = dict(view=View.SAX, series_uids=tuple(dict.fromkeys(loc.series_uid for loc in sax)),
+                         n_slices=len(sax))
         try:
             cines = [_cine(loc) for loc in sax]
             # The LV at ED in the middle of the stack, then every slice looked at near that
@@ -486,6 +555,7 @@ def prepare_images(study: Study, classifications: dict[str, Classification], *,
             ref = blood_pool(reader.modality(cines[len(cines) // 2].phases[0]))
             hint = ref.centre if ref else None
             found = [blood_pool(reader.modality(c.phases[0]), hint) is not None for c in cines]
+            first = 0
             if sum(found) >= 3:
                 first = found.index(True)
                 last = len(found) - 1 - found[::-1].index(True)
@@ -501,17 +571,23 @@ def prepare_images(study: Study, classifications: dict[str, Classification], *,
             else:
                 levels = {"mid": 0} if n == 1 else {"basal": 0, "apical": 1}
                 limitations.append(f"short-axis stack has only {n} slice(s)")
+            sel["slices"] = {name: first + levels[name] for name, _frac in SLICE_LEVELS if name in levels}
             mid = cines[levels.get("mid", 0)]
+            sel.update(n_phases=len(mid.phases), ed_phase=0)
             est = _es_from_images(reader, mid, hint)
             if est is not None:
                 es_idx = est[0]
                 es_fraction = mid.fraction_of(es_idx)
+                es_method = "smallest LV blood pool in the mid slice"
             elif mid.timed:
                 es_idx = mid.index_at_fraction(ES_FALLBACK_FRACTION)
+                es_method = "fallback: 35% of the cardiac cycle"
                 limitations.append("ES could not be estimated from the blood pool; used 35% of the cardiac cycle")
             else:
                 es_idx = len(mid.phases) // 2
+                es_method = "fallback: middle frame (no trigger times)"
                 untimed_fallback = True
+            sel.update(es_phase=es_idx, es_method=es_method)
             if not mid.timed:
                 if untimed_fallback:
                     limitations.append("ED/ES could not be determined (no trigger times); used first and middle "
@@ -536,8 +612,10 @@ def prepare_images(study: Study, classifications: dict[str, Classification], *,
                      len(mid.phases), f" ({es_tt:.0f} ms)" if es_tt is not None else "")
         except Exception as e:  # noqa: BLE001 - a broken file must not hide the long-axis views
             log.warning("SAX stack could not be rendered: %s", e, exc_info=True)
-            limitations.append(f"short-axis stack could not be decoded ({sax_note}: {type(e).__name__}: {e})")
+            sel["error"] = f"short-axis stack could not be decoded ({sax_note}: {type(e).__name__}: {e})"
+            limitations.append(sel["error"])
             images = [im for im in images if im.view != View.SAX.value]
+        selections[View.SAX] = Selection(**sel)
     else:
         limitations.append("no short-axis cine stack found")
 
@@ -548,21 +626,28 @@ def prepare_images(study: Study, classifications: dict[str, Classification], *,
             continue
         c = classifications[loc.series_uid]
         label = study.series[loc.series_uid].label
+        sel = dict(view=view, series_uids=(loc.series_uid,))
         try:
             cine = _cine(loc)
+            sel.update(n_phases=len(cine.phases), ed_phase=0)
             if es_fraction is not None and cine.timed:
                 es_i = cine.index_at_fraction(es_fraction)
+                es_method = "same fraction of the cycle as the short-axis ES"
             else:
                 est = _es_from_images(reader, cine)
                 if est is not None:
                     es_i = est[0]
+                    es_method = "smallest LV blood pool"
                 elif cine.timed:
                     es_i = cine.index_at_fraction(ES_FALLBACK_FRACTION)
+                    es_method = "fallback: 35% of the cardiac cycle"
                     limitations.append(f"{view.value}: ES could not be estimated; used 35% of the cardiac cycle")
                 else:
                     es_i = len(cine.phases) // 2
+                    es_method = "fallback: middle frame (no trigger times)"
                     limitations.append(f"{view.value}: ED/ES could not be determined (no trigger times); used "
                                        "first and middle frames")
+            sel.update(es_phase=es_i, es_method=es_method)
             for phase, f in (("ED", cine.phases[0]), ("ES", cine.phases[es_i])):
                 images.append(_image(reader, f, f"{view.value}_{phase}", view, phase, f"{view.value} {phase}", size))
             if c.confidence < 0.5:
@@ -570,11 +655,13 @@ def prepare_images(study: Study, classifications: dict[str, Classification], *,
         except Exception as e:  # noqa: BLE001
             log.warning("%s could not be rendered from %s: %s", view.value, label, e, exc_info=True)
             images = [im for im in images if im.view != view.value]
-            limitations.append(f"{view.value} could not be decoded ({label}: {type(e).__name__}: {e})")
+            sel["error"] = f"{view.value} could not be decoded ({label}: {type(e).__name__}: {e})"
+            limitations.append(sel["error"])
+        selections[view] = Selection(**sel)
 
     if not any(c.view == View.LGE for c in classifications.values()):
         limitations.append("no LGE series")
     if not images:
         raise PrepareError(f"no image could be rendered from study {study.study_instance_uid or '?'}: "
-                           + "; ".join(limitations))
-    return images, limitations
+                           + "; ".join(limitations), selections=selections)
+    return Preparation(images, limitations, selections)
