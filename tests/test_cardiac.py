@@ -529,3 +529,27 @@ def test_axial_cine_stack_and_tissue_series_are_not_sax(tmp_path):
     assert cls[axial].view == View.OTHER and any("not a short-axis stack" in r for r in cls[axial].reasons)
     assert cls[molli].view == View.T1MAP
     assert cls[single].view == View.LOCALIZER  # a single image that is not part of a cine
+
+
+def test_an_undecodable_sax_slice_is_replaced_by_its_neighbour(tmp_path):
+    """One truncated file must not cost the whole short-axis view."""
+    from pathlib import Path
+
+    from plugin.cardiac import analyse_paths
+    from plugin.phantom import write_study
+
+    write_study(tmp_path / "s", style="siemens", seed=4, slices=8, phases=8, size=96)
+    paths = sorted(str(p) for p in (tmp_path / "s").rglob("*.dcm"))
+    _st, _cls, images, _lim = analyse_paths(paths)
+    mid = next(im for im in images if im.key == "SAX_mid_ED")
+    bad = next(p for p in paths if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+               == mid.source.sop_instance_uid)
+    data = Path(bad).read_bytes()
+    Path(bad).write_bytes(data[: len(data) - 4000])  # pixel data cut short
+    _st, _cls, images2, lim2 = analyse_paths(paths)
+    keys = [im.key for im in images2]
+    assert "SAX_mid_ED" in keys and "SAX_mid_ES" in keys, keys
+    mid2 = next(im for im in images2 if im.key == "SAX_mid_ED")
+    assert mid2.source.sop_instance_uid != mid.source.sop_instance_uid
+    assert any("SAX mid" in line and "could not be decoded" in line for line in lim2), lim2
+    assert {im.key for im in images2} >= {"2CH_ED", "3CH_ED", "4CH_ED"}

@@ -353,6 +353,24 @@ def _cine(loc: Location) -> Cine:
     return Cine(loc, phases, timed)
 
 
+def _pool_or_keep(reader: FrameReader, frame: Frame, hint) -> bool:
+    """Whether a slice shows an LV blood pool; a frame that cannot be decoded is kept (decided later)."""
+    try:
+        return blood_pool(reader.modality(frame), hint) is not None
+    except Exception as e:  # noqa: BLE001
+        log.warning("blood-pool check: %s frame %s cannot be decoded: %s", frame.path, frame.frame_number, e)
+        return True
+
+
+def _guarded(fn, what: str, limitations: list[str]):
+    """``fn()``, or None (with a limitation) when a frame it needs cannot be decoded."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        limitations.append(f"{what} skipped: a frame could not be decoded ({type(e).__name__}: {e})")
+        return None
+
+
 def _es_from_images(reader: FrameReader, cine: Cine,
                     hint: Optional[tuple[float, float]] = None) -> Optional[tuple[int, list[Optional[float]]]]:
     """Index of the phase with the smallest blood pool (within ES_SEARCH), and the area curve.
@@ -554,7 +572,7 @@ def prepare_study(study: Study, classifications: dict[str, Classification], *,
             # centre: drop end slices without an LV blood pool (above the base, below the apex).
             ref = blood_pool(reader.modality(cines[len(cines) // 2].phases[0]))
             hint = ref.centre if ref else None
-            found = [blood_pool(reader.modality(c.phases[0]), hint) is not None for c in cines]
+            found = [_pool_or_keep(reader, c.phases[0], hint) for c in cines]
             first = 0
             if sum(found) >= 3:
                 first = found.index(True)
@@ -574,7 +592,7 @@ def prepare_study(study: Study, classifications: dict[str, Classification], *,
             sel["slices"] = {name: first + levels[name] for name, _frac in SLICE_LEVELS if name in levels}
             mid = cines[levels.get("mid", 0)]
             sel.update(n_phases=len(mid.phases), ed_phase=0)
-            est = _es_from_images(reader, mid, hint)
+            est = _guarded(lambda: _es_from_images(reader, mid, hint), f"SAX mid slice ES estimate", limitations)
             if est is not None:
                 es_idx = est[0]
                 es_fraction = mid.fraction_of(es_idx)
@@ -601,13 +619,30 @@ def prepare_study(study: Study, classifications: dict[str, Classification], *,
                 i = levels.get(name)
                 if i is None or i in done:
                     continue
-                done.add(i)
-                c = cines[i]
-                ed_f = c.phases[0]
-                es_f = c.nearest(es_tt, es_idx)
-                for phase, f in (("ED", ed_f), ("ES", es_f)):
-                    images.append(_image(reader, f, f"SAX_{name}_{phase}", View.SAX, phase,
-                                         f"SAX {name} {phase}", size))
+                errors = []
+                # a slice whose frames cannot be decoded is replaced by its nearest decodable neighbour
+                for j in (i, i + 1, i - 1, i + 2, i - 2):
+                    if not 0 <= j < n or j in done:
+                        continue
+                    c = cines[j]
+                    try:
+                        pair = [_image(reader, f, f"SAX_{name}_{phase}", View.SAX, phase, f"SAX {name} {phase}",
+                                       size) for phase, f in (("ED", c.phases[0]), ("ES", c.nearest(es_tt, es_idx)))]
+                    except Exception as e:  # noqa: BLE001 - truncated / undecodable pixel data
+                        errors.append(f"slice {first + j + 1}: {type(e).__name__}: {e}")
+                        continue
+                    images.extend(pair)
+                    done.add(j)
+                    if j != i:
+                        sel["slices"][name] = first + j
+                        limitations.append(f"SAX {name}: slice {first + i + 1} could not be decoded "
+                                           f"({errors[0]}); used slice {first + j + 1}")
+                    break
+                else:
+                    sel["slices"].pop(name, None)
+                    limitations.append(f"SAX {name}: no decodable slice ({'; '.join(errors)})")
+            if not any(im.view == View.SAX.value for im in images):
+                raise RuntimeError("no slice of the stack could be decoded")
             log.info("SAX from %s: %d slices, levels %s, ES phase %d/%d%s", sax_note, n, levels, es_idx,
                      len(mid.phases), f" ({es_tt:.0f} ms)" if es_tt is not None else "")
         except Exception as e:  # noqa: BLE001 - a broken file must not hide the long-axis views
@@ -634,7 +669,7 @@ def prepare_study(study: Study, classifications: dict[str, Classification], *,
                 es_i = cine.index_at_fraction(es_fraction)
                 es_method = "same fraction of the cycle as the short-axis ES"
             else:
-                est = _es_from_images(reader, cine)
+                est = _guarded(lambda: _es_from_images(reader, cine), f"{view.value} ES estimate", limitations)
                 if est is not None:
                     es_i = est[0]
                     es_method = "smallest LV blood pool"
