@@ -33,6 +33,46 @@ Vendor styles (``style``):
     ``ge``       classic MR Image Storage, RLE Lossless, blank Series Description.
     ``philips``  each cine series is one Enhanced MR Image Storage object (PS3.3
                  A.36.2) with per-frame functional groups; localizer classic MR.
+
+Variants (keyword options of :func:`write_study`; every default reproduces the style
+above byte for byte):
+    ``transfer_syntax``  "explicit", "rle", "jpeg-baseline" (Process 1, 8-bit, lossy),
+                 "jpeg-extended" (Process 2 & 4, 12-bit, lossy), "jpeg-lossless"
+                 (Process 14, SV1), "jpeg-ls" (lossless) or "jpeg2000" (lossless); None
+                 keeps the style's own (RLE for ge, Explicit VR Little Endian otherwise).
+                 pydicom encodes where it has an encoder (RLE; JPEG-LS with pyjpegls;
+                 JPEG 2000 with pylibjpeg-openjpeg); the JPEG processes (and JPEG-LS
+                 without pyjpegls) go through dcmtk's ``dcmcjpeg`` / ``dcmcjpls`` on the
+                 written file.  SOP Instance UIDs never change on compression.  Lossless
+                 encodings are the *same instances* as the uncompressed study (same UIDs,
+                 as after a transcoding PACS); the lossy ones are other studies (own
+                 UIDs), with Lossy Image Compression "01", ratio and method.  JPEG
+                 baseline stores the 12-bit values divided by
+                 :data:`JPEG_BASELINE_DIVISOR` in 8 bits (Bits Allocated/Stored 8, High
+                 Bit 7, window divided alike), as PS3.5 Table 8.2.1-1 requires; the
+                 classic MR Image module (PS3.3 C.8.3.1.1) allows only Bits Allocated 16,
+                 so its classic files (localizer; cines of siemens/ge) carry that one
+                 dciodvfy error; no valid classic MR object can be JPEG baseline.  Use
+                 "jpeg-extended" for a lossy JPEG variant that is valid throughout.
+    ``descriptions``  "vendor" (the style's names; GE-like "FIESTA CINE 4CH" … for ge),
+                 "blank", or "misleading": the long-axis names are swapped (the 4CH is
+                 labelled as the 2CH, the 2CH as the 4CH, the 3CH as the 4CH) so that a
+                 test can check that geometry wins.  None keeps the style's own ("blank"
+                 for ge, "vendor" otherwise).
+    ``legacy_enhanced``  cines (and LGE) as Legacy Converted Enhanced MR Image Storage
+                 (PS3.3 A.71) objects, converted from the classic images by highdicom;
+                 TriggerTime / InversionTime stay in the Unassigned Per-Frame Converted
+                 Attributes.
+    ``lge``      adds a late gadolinium enhancement series: the SAX planes, one image
+                 per slice, heart at its end-diastolic shape, inversion-recovery
+                 contrast (:data:`LGE_IR`: myocardium nulled, blood grey) and, unless
+                 ``lge_enhancement=False``, a bright transmural "infarct" in the basal
+                 to mid inferolateral wall (AHA segments 5 and 11).  ScanningSequence
+                 GR\\IR, InversionTime rising 4 ms per slice (as operators do while the
+                 contrast washes out), description "LGE_PSIR_SAX" / blank / "sDE_SA".
+    ``view_angles``  override :data:`VIEW_ANGLES_DEG` for some long-axis views, e.g.
+                 ``{"4CH": 100}``: an oblique acquisition (the series is still recorded
+                 under the intended view in the truth).
 """
 from __future__ import annotations
 
@@ -40,29 +80,42 @@ import argparse
 import datetime as _dt
 import json
 import math
+import shutil
+import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import get_encoder
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     CTImageStorage,
     EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
     MRImageStorage,
     PYDICOM_IMPLEMENTATION_UID,
     RLELossless,
+    UID,
     generate_uid,
 )
 
 __all__ = [
+    "DESCRIPTION_MODES",
+    "LGE_IR",
     "LV_APEX",
     "LV_AXIS",
     "STYLES",
+    "TRANSFER_SYNTAXES",
     "VIEW_ANGLES_DEG",
     "CardiacAnatomy",
     "PhantomTruth",
@@ -78,6 +131,21 @@ __all__ = [
 ]
 
 STYLES = ("siemens", "ge", "philips")
+#: ``transfer_syntax`` option -> Transfer Syntax UID (PS3.5 Annex A).
+TRANSFER_SYNTAXES: dict[str, UID] = {
+    "explicit": ExplicitVRLittleEndian,
+    "rle": RLELossless,
+    "jpeg-baseline": JPEGBaseline8Bit,
+    "jpeg-extended": JPEGExtended12Bit,
+    "jpeg-lossless": JPEGLosslessSV1,
+    "jpeg-ls": JPEGLSLossless,
+    "jpeg2000": JPEG2000Lossless,
+}
+#: Lossy transfer syntaxes: a different study (own UIDs), 8-bit pixels.
+_LOSSY = frozenset({"jpeg-baseline", "jpeg-extended"})
+#: 12-bit phantom values are divided by this for JPEG baseline (8 bits): 1275 -> 255.
+JPEG_BASELINE_DIVISOR = 5.0
+DESCRIPTION_MODES = ("vendor", "blank", "misleading")
 
 
 def _unit(v: Sequence[float]) -> np.ndarray:
@@ -133,6 +201,11 @@ class Tissue(IntEnum):
 BSSFP = np.array([0, 520, 200, 30, 260, 290, 360, 900, 210, 1000], dtype=float)
 #: Non-contrast CT, Hounsfield units.
 CT_HU = np.array([-1000, -100, 45, -850, 35, 60, 650, 40, 45, 8], dtype=float)
+#: Late gadolinium enhancement, magnitude inversion recovery with the myocardium nulled:
+#: blood grey, fat bright, normal myocardium black (arbitrary units, 12-bit range).
+LGE_IR = np.array([0, 420, 130, 20, 220, 260, 150, 480, 15, 120], dtype=float)
+#: Signal of enhancing (infarcted) myocardium on LGE.
+LGE_ENHANCED = 1150.0
 
 
 # ----------------------------------------------------------------------------------
@@ -363,12 +436,32 @@ class CardiacAnatomy:
             total += int(self.lv_blood(g, phase).sum())
         return total * voxel_mm**3 / 1000.0
 
+    def enhancement(self, p: np.ndarray, phase: int = 0) -> np.ndarray:
+        """Where LGE shows an infarct: basal to mid inferolateral wall (AHA 5 and 11), transmural.
+
+        A boolean mask over ``p`` of the wedge 215-265 deg on the ring (anterior 0,
+        septal 90, inferior 180, inferolateral 240) between 10 % and 60 % of the
+        base-apex length; callers intersect it with the myocardium.
+        """
+        st = self.state(phase)
+        d = p - st.base
+        t = d @ _U
+        theta = np.degrees(np.arctan2(d @ _SEPT, d @ _ANT)) % 360.0
+        return (t >= 0.10 * st.a) & (t <= 0.60 * st.a) & (theta >= 215.0) & (theta <= 265.0)
+
     # -- images -----------------------------------------------------------------
     def render(self, plane: Plane, phase: int, rng: np.random.Generator,
-               table: np.ndarray = BSSFP, noise: float = 12.0, coil: bool = True) -> np.ndarray:
-        """Sample the anatomy on ``plane``: float image (rows, cols)."""
+               table: np.ndarray = BSSFP, noise: float = 12.0, coil: bool = True,
+               enhance: float | None = None) -> np.ndarray:
+        """Sample the anatomy on ``plane``: float image (rows, cols).
+
+        ``enhance``: signal of the myocardium inside :meth:`enhancement` (LGE), or None.
+        """
         pts = plane.points()
-        img = table[self.labels(pts, phase)]
+        lab = self.labels(pts, phase)
+        img = table[lab]
+        if enhance is not None:
+            img = np.where((lab == Tissue.MYOCARDIUM) & self.enhancement(pts, phase), enhance, img)
         if coil:  # anterior surface coil: brighter in front
             img = img * (1.0 + 0.15 * np.clip(-(pts[:, 1] + 20.0) / 120.0, -1.0, 1.0))
         img = _smooth(img.reshape(plane.rows, plane.cols))
@@ -408,12 +501,13 @@ def sax_planes(slices: int, size: int, fov_mm: float = 300.0) -> tuple[list[Plan
     return planes, spacing
 
 
-def lax_plane(view: str, size: int, fov_mm: float = 300.0) -> Plane:
+def lax_plane(view: str, size: int, fov_mm: float = 300.0, angle_deg: float | None = None) -> Plane:
     """Long-axis plane containing LV_AXIS, rotated VIEW_ANGLES_DEG[view] about it.
 
-    Apex at the top of the image (column direction = apex -> base).
+    Apex at the top of the image (column direction = apex -> base).  ``angle_deg``
+    overrides the standard angle (an oblique acquisition).
     """
-    d = _sax_dir(VIEW_ANGLES_DEG[view])
+    d = _sax_dir(VIEW_ANGLES_DEG[view] if angle_deg is None else float(angle_deg))
     return Plane.centred(_BASE_ED + 18.0 * _U, -d, -_U, fov_mm, size)
 
 
@@ -442,7 +536,7 @@ class PhantomTruth:
     study_instance_uid: str
     style: str
     lv_axis: tuple[float, float, float]
-    series: dict[str, str]  # view ("LOCALIZER","SAX","2CH","3CH","4CH") -> SeriesInstanceUID
+    series: dict[str, str]  # view ("LOCALIZER","SAX","2CH","3CH","4CH"[,"LGE"]) -> SeriesInstanceUID
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -469,26 +563,69 @@ class _Vendor:
     series_numbers: dict[str, int]
     rle: bool = False
     enhanced: bool = False
+    blank_descriptions: bool = False  # the style's default ``descriptions`` is "blank"
 
 
 _VENDORS = {
     "siemens": _Vendor(
         "SIEMENS", "Aera", "syngo MR E11", "AWP66012", 1.5,
         {"LOCALIZER": "localizer", "SAX": "CINE_segmented_SAX", "2CH": "CINE_segmented_LAX_2Ch",
-         "3CH": "CINE_segmented_LAX_3Ch", "4CH": "CINE_segmented_LAX_4Ch"},
-        "*tfi2d1_12", {"LOCALIZER": 1, "2CH": 2, "4CH": 3, "3CH": 4, "SAX": 5}),
+         "3CH": "CINE_segmented_LAX_3Ch", "4CH": "CINE_segmented_LAX_4Ch", "LGE": "LGE_PSIR_SAX"},
+        "*tfi2d1_12", {"LOCALIZER": 1, "2CH": 2, "4CH": 3, "3CH": 4, "SAX": 5, "LGE": 6}),
     "ge": _Vendor(
         "GE MEDICAL SYSTEMS", "SIGNA Artist", "27\\LX\\MR Software release:RX27.0_R04", "GEMR01", 1.5,
-        {"LOCALIZER": "", "SAX": "", "2CH": "", "3CH": "", "4CH": ""},
-        None, {"LOCALIZER": 1, "2CH": 2, "4CH": 3, "3CH": 4, "SAX": 5}, rle=True),
+        {"LOCALIZER": "3-Plane Loc", "SAX": "FIESTA CINE SAX", "2CH": "FIESTA CINE 2CH",
+         "3CH": "FIESTA CINE 3CH", "4CH": "FIESTA CINE 4CH", "LGE": "MDE SAX"},
+        None, {"LOCALIZER": 1, "2CH": 2, "4CH": 3, "3CH": 4, "SAX": 5, "LGE": 6}, rle=True,
+        blank_descriptions=True),
     "philips": _Vendor(
         "Philips Medical Systems", "Ingenia", "5.7.1\\5.7.1.2", "PHMR01", 1.5,
         {"LOCALIZER": "Survey", "SAX": "sBTFE_SA", "2CH": "sBTFE_2CH", "3CH": "sBTFE_3CH",
-         "4CH": "sBTFE_4CH"},
-        None, {"LOCALIZER": 101, "2CH": 201, "4CH": 301, "3CH": 401, "SAX": 501}, enhanced=True),
+         "4CH": "sBTFE_4CH", "LGE": "sDE_SA"},
+        None, {"LOCALIZER": 101, "2CH": 201, "4CH": 301, "3CH": 401, "SAX": 501, "LGE": 601}, enhanced=True),
 }
 
+#: ``descriptions="misleading"``: which view's name each long-axis series carries.
+_MISLEADING = {"2CH": "4CH", "4CH": "2CH", "3CH": "4CH"}
+
+
+def _descriptions(vendor: _Vendor, mode: str) -> dict[str, str]:
+    """SeriesDescription (and ProtocolName) per view for a ``descriptions`` mode."""
+    names = dict(vendor.descriptions)
+    if mode == "blank":
+        return {view: "" for view in names}
+    if mode == "misleading":
+        names.update({view: vendor.descriptions[shown] for view, shown in _MISLEADING.items()})
+    return names
+
+
 _WINDOW = (450, 1000)  # bSSFP window centre/width
+_LGE_WINDOW = (500, 1000)  # LGE window centre/width: blood mid-grey, enhancement white
+_LGE_TI_MS = 280.0  # inversion time of the first LGE slice; +4 ms per slice
+
+
+@dataclass(frozen=True)
+class _Contrast:
+    """What differs between a bSSFP cine and an LGE acquisition, for the writers."""
+
+    lge: bool = False
+    enhancement: bool = True  # LGE only: draw the infarct
+
+    def window(self) -> tuple[int, int]:
+        return _LGE_WINDOW if self.lge else _WINDOW
+
+    def render(self, anatomy: "CardiacAnatomy", plane: Plane, phase: int, rng: np.random.Generator) -> np.ndarray:
+        if not self.lge:
+            return anatomy.render(plane, phase, rng)
+        return anatomy.render(plane, phase, rng, table=LGE_IR,
+                              enhance=LGE_ENHANCED if self.enhancement else None)
+
+    @staticmethod
+    def inversion_time(slice_index: int) -> float:
+        return _LGE_TI_MS + 4.0 * slice_index
+
+
+_CINE = _Contrast()
 
 
 class _Ctx:
@@ -603,12 +740,107 @@ def _plane_attrs(ds: Dataset, plane: Plane, thickness: float) -> None:
     ds.PixelSpacing = [round(plane.spacing[0], 6), round(plane.spacing[1], 6)]
 
 
-def _save(ds: Dataset, path: Path, rle: bool = False) -> Path:
-    if rle:
-        ds.compress(RLELossless, generate_instance_uid=False)
+def _save(ds: Dataset, path: Path, rle: bool = False, transfer_syntax: str | None = None) -> Path:
+    """Write ``ds`` to ``path`` in ``transfer_syntax`` (RLE when ``rle``; else uncompressed).
+
+    The SOP Instance UID is kept whatever the encoding (see :func:`_encode`).
+    """
+    ts = UID(transfer_syntax) if transfer_syntax else (RLELossless if rle else ExplicitVRLittleEndian)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    if ts == ExplicitVRLittleEndian:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        _encode(ds, path, ts)
     return path
+
+
+def _pydicom_can_encode(ts: UID) -> bool:
+    try:
+        return bool(get_encoder(ts).is_available)
+    except (NotImplementedError, ValueError):
+        return False
+
+
+#: dcmtk encoders used where pydicom has none: program and its options.  ``+un``:
+#: never assign a new SOP Instance UID (dcmcjpeg would for lossy compression).
+_DCMTK_ENCODERS: dict[UID, tuple[str, tuple[str, ...]]] = {
+    JPEGBaseline8Bit: ("dcmcjpeg", ("+eb", "+q", "90", "+un")),
+    JPEGExtended12Bit: ("dcmcjpeg", ("+ee", "+q", "90", "+un")),
+    JPEGLosslessSV1: ("dcmcjpeg", ("+e1", "+un")),
+    JPEGLSLossless: ("dcmcjpls", ("+el", "+un")),
+}
+
+
+def _dcmtk(program: str) -> str:
+    found = shutil.which(program) or (f"/usr/bin/{program}" if Path(f"/usr/bin/{program}").exists() else None)
+    if found is None:
+        raise RuntimeError(f"dcmtk's {program} is needed for this transfer syntax and was not found on PATH")
+    return found
+
+
+def _to_8bit(ds: Dataset) -> None:
+    """Requantise 12-bit pixels to 8 bits for JPEG baseline; windows are scaled alike.
+
+    Values are divided by :data:`JPEG_BASELINE_DIVISOR`; Window Center / Width are
+    divided the same way, top level and in Frame VOI LUT functional groups.
+    """
+    arr = ds.pixel_array.astype(np.float64)
+    arr8 = np.clip(np.rint(arr / JPEG_BASELINE_DIVISOR), 0, 255).astype(np.uint8)
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelData = arr8.tobytes()
+
+    def scale(item: Dataset) -> None:
+        for kw in ("WindowCenter", "WindowWidth"):
+            if kw in item:
+                item[kw].value = round(float(item[kw].value) / JPEG_BASELINE_DIVISOR, 2)
+
+    scale(ds)
+    groups = [*(ds.get("SharedFunctionalGroupsSequence") or []), *(ds.get("PerFrameFunctionalGroupsSequence") or [])]
+    for group in groups:
+        for item in group.get("FrameVOILUTSequence") or []:
+            scale(item)
+
+
+def _encode(ds: Dataset, path: Path, ts: UID) -> None:
+    """Compress ``ds`` into ``path``: pydicom's encoder when it has one, else dcmtk's.
+
+    JPEG baseline first requantises to 8 bits (:func:`_to_8bit`; PS3.5 Table 8.2.1-1
+    wants Bits Allocated 8, which the classic MR Image module forbids: the one
+    dciodvfy error of that variant).  dcmtk records Lossy Image Compression "01" with
+    ratio and method for the lossy processes, makes Image Type value 1 DERIVED and
+    adds a Derivation Description; multi-frame objects get their Image Type back (it
+    must agree with the frames' Frame Type) and lose the top-level Derivation
+    Description / Code Sequence, which their IODs do not have.
+    """
+    if ts == JPEGBaseline8Bit and int(ds.BitsAllocated) != 8:
+        _to_8bit(ds)
+    if _pydicom_can_encode(ts):
+        ds.compress(ts, generate_instance_uid=False)
+        ds.save_as(path, enforce_file_format=True)
+        return
+    if ts not in _DCMTK_ENCODERS:
+        raise RuntimeError(f"no encoder for transfer syntax {ts.name} ({ts}): pydicom has none installed "
+                           "and dcmtk has no command-line encoder for it")
+    program, options = _DCMTK_ENCODERS[ts]
+    exe = _dcmtk(program)
+    tmp = path.with_name(path.name + ".uncompressed")
+    ds.save_as(tmp, enforce_file_format=True)
+    try:
+        res = subprocess.run([exe, *options, str(tmp), str(path)], capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"{program} failed on {path.name} ({ts.name}): "
+                               f"{(res.stderr or res.stdout).strip()[:500]}")
+    finally:
+        tmp.unlink(missing_ok=True)
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        out = pydicom.dcmread(path)
+        out.ImageType = ds.ImageType
+        for kw in ("DerivationDescription", "DerivationCodeSequence"):
+            if kw in out:
+                delattr(out, kw)
+        out.save_as(path, enforce_file_format=True)
 
 
 def _mr_cardiac_params(ds: Dataset, vendor: _Vendor, *, cine: bool, phases: int,
@@ -654,38 +886,104 @@ def _mr_cardiac_params(ds: Dataset, vendor: _Vendor, *, cine: bool, phases: int,
         ds.TriggerWindow = 10
 
 
-def _write_classic_series(out: Path, ctx: _Ctx, vendor: _Vendor, anatomy: CardiacAnatomy, *,
-                          view: str, items: list[tuple[Plane, int, float]], cine: bool,
-                          thickness: float, spacing: float | None, minutes: float,
-                          image_type: list[str]) -> list[Path]:
-    """One classic MR Image Storage file per (plane, phase) item."""
+def _lge_params(ds: Dataset, vendor: _Vendor, anatomy: CardiacAnatomy, slice_index: int) -> None:
+    """Segmented inversion-recovery gradient echo (LGE) on top of :func:`_mr_cardiac_params`."""
+    ds.ScanningSequence = ["GR", "IR"]
+    ds.SequenceVariant = ["SK", "SP", "MP"]
+    ds.ScanOptions = "CG"
+    if vendor.sequence_name:
+        ds.SequenceName = "*tfl2d1r_23"
+    ds.RepetitionTime = 720.0
+    ds.EchoTime = 3.3
+    ds.InversionTime = _Contrast.inversion_time(slice_index)
+    ds.FlipAngle = 25
+    ds.TriggerTime = anatomy.trigger_time_ms(0)  # drawn at the end-diastolic shape
+    ds.NominalInterval = int(RR_MS)
+    ds.CardiacNumberOfImages = 1
+    ds.HeartRate = int(round(60000 / RR_MS))
+
+
+def _classic_datasets(ctx: _Ctx, vendor: _Vendor, anatomy: CardiacAnatomy, *, view: str,
+                      items: list[tuple[Plane, int, float]], cine: bool, thickness: float,
+                      spacing: float | None, minutes: float, image_type: list[str],
+                      description: str | None = None, contrast: _Contrast = _CINE) -> Iterable[Dataset]:
+    """One classic MR Image Storage dataset (PS3.3 A.4) per (plane, phase, minute) item."""
     series_uid = ctx.uid("series", view)
     number = vendor.series_numbers[view]
-    folder = out / f"S{number:03d}"
-    paths = []
+    if description is None:
+        description = vendor.descriptions[view]
     for k, (plane, phase, minute) in enumerate(items):
         sop = ctx.uid("sop", view, k)
         ds = _new_dataset(MRImageStorage, sop)
         _common(ds, ctx, vendor, modality="MR", series_uid=series_uid, series_number=number,
-                description=vendor.descriptions[view], minutes=minutes)
+                description=description, minutes=minutes)
         ds.AcquisitionTime = ctx.clock(minute)
         ds.ContentTime = ctx.clock(minute)
         ds.ImageType = image_type
         _mr_cardiac_params(ds, vendor, cine=cine, phases=anatomy.phases, anatomy=anatomy, phase=phase)
+        if contrast.lge:
+            _lge_params(ds, vendor, anatomy, k)
         if spacing is not None:
             ds.SpacingBetweenSlices = round(spacing, 4)
         ds.AcquisitionNumber = 1
         ds.InstanceNumber = k + 1
         ds.ImagesInAcquisition = len(items)
         rng = np.random.default_rng([ctx.seed, _hash_int(view) % (1 << 32), k])
-        img = anatomy.render(plane, phase, rng)
+        img = contrast.render(anatomy, plane, phase, rng)
         _plane_attrs(ds, plane, thickness)
         _pixels_u16(ds, img)
-        ds.WindowCenter = _WINDOW[0]
-        ds.WindowWidth = _WINDOW[1]
-        ds.WindowCenterWidthExplanation = "bSSFP"
-        paths.append(_save(ds, folder / f"IM_{k + 1:04d}.dcm", rle=vendor.rle))
+        ds.WindowCenter, ds.WindowWidth = contrast.window()
+        ds.WindowCenterWidthExplanation = "IR" if contrast.lge else "bSSFP"
+        yield ds
+
+
+def _write_classic_series(out: Path, ctx: _Ctx, vendor: _Vendor, anatomy: CardiacAnatomy, *,
+                          view: str, items: list[tuple[Plane, int, float]], cine: bool,
+                          thickness: float, spacing: float | None, minutes: float,
+                          image_type: list[str], description: str | None = None,
+                          transfer_syntax: str | None = None, contrast: _Contrast = _CINE) -> list[Path]:
+    """One classic MR Image Storage file per (plane, phase) item."""
+    folder = out / f"S{vendor.series_numbers[view]:03d}"
+    paths = []
+    for k, ds in enumerate(_classic_datasets(
+            ctx, vendor, anatomy, view=view, items=items, cine=cine, thickness=thickness, spacing=spacing,
+            minutes=minutes, image_type=image_type, description=description, contrast=contrast)):
+        paths.append(_save(ds, folder / f"IM_{k + 1:04d}.dcm", rle=vendor.rle, transfer_syntax=transfer_syntax))
     return paths
+
+
+def _write_legacy_series(out: Path, ctx: _Ctx, vendor: _Vendor, anatomy: CardiacAnatomy, *,
+                         view: str, items: list[tuple[Plane, int, float]], thickness: float,
+                         spacing: float | None, minutes: float, image_type: list[str],
+                         description: str | None = None, transfer_syntax: str | None = None,
+                         contrast: _Contrast = _CINE) -> Path:
+    """One Legacy Converted Enhanced MR Image Storage object (PS3.3 A.71) for a whole series.
+
+    The classic images are built as :func:`_write_classic_series` would write them and
+    converted by highdicom (``LegacyConvertedEnhancedMRImage``): attributes that vary
+    per frame (TriggerTime, InversionTime, ...) land in the Unassigned Per-Frame
+    Converted Attributes Sequence, the rest in the shared one; the Conversion Source
+    Attributes Sequence names the (never written) classic instances.
+    """
+    from highdicom.legacy import LegacyConvertedEnhancedMRImage
+
+    classic = list(_classic_datasets(ctx, vendor, anatomy, view=view, items=items, cine=not contrast.lge,
+                                     thickness=thickness, spacing=spacing, minutes=minutes,
+                                     image_type=image_type, description=description, contrast=contrast))
+    number = vendor.series_numbers[view]
+    ds = LegacyConvertedEnhancedMRImage(classic, ctx.uid("series", view), number,
+                                        ctx.uid("sop", view, "legacy-converted"), 1)
+    # Deterministic output: highdicom draws a random Dimension Organization UID.
+    dim_uid = ctx.uid("dimension-organization", view, "legacy-converted")
+    for item in list(ds.get("DimensionOrganizationSequence") or []) + list(ds.get("DimensionIndexSequence") or []):
+        item.DimensionOrganizationUID = dim_uid
+    # dciodvfy does not count the Conversion Source Attributes Sequence as a reference,
+    # and reports a Referenced Series Sequence without references as an error.
+    if "ReferencedSeriesSequence" in ds:
+        del ds.ReferencedSeriesSequence
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta.ImplementationVersionName = "CMRAI_PHANTOM"
+    return _save(ds, out / f"S{number:03d}" / "IM_0001.dcm", rle=vendor.rle, transfer_syntax=transfer_syntax)
 
 
 def _item(**kw: object) -> Dataset:
@@ -705,23 +1003,28 @@ def _heart_code() -> Dataset:
 
 def _write_enhanced_series(out: Path, ctx: _Ctx, vendor: _Vendor, anatomy: CardiacAnatomy, *,
                            view: str, planes: list[Plane], thickness: float,
-                           spacing: float | None, minutes: float) -> Path:
+                           spacing: float | None, minutes: float, description: str | None = None,
+                           transfer_syntax: str | None = None, contrast: _Contrast = _CINE) -> Path:
     """One Enhanced MR Image Storage object (PS3.3 A.36.2) holding a whole cine series.
 
     Frames are ordered slice-major (all phases of slice 1, then slice 2 ...); the
     dimensions are Stack ID, In-Stack Position Number and Temporal Position Index.
+    An LGE series (``contrast.lge``) has one frame per slice, an inversion-recovery
+    pulse sequence and a per-frame MR Modifier group (the inversion time rises per slice).
     """
     series_uid = ctx.uid("series", view)
     number = vendor.series_numbers[view]
     sop = ctx.uid("sop", view, 0)
     ds = _new_dataset(EnhancedMRImageStorage, sop)
     _common(ds, ctx, vendor, modality="MR", series_uid=series_uid, series_number=number,
-            description=vendor.descriptions[view], minutes=minutes)
+            description=vendor.descriptions[view] if description is None else description, minutes=minutes)
+    lge = contrast.lge
     for kw in ("AcquisitionDate", "AcquisitionTime", "PatientPosition"):
         delattr(ds, kw)
     ds.PatientPosition = "HFS"
     acq_dt = f"{ctx.date}{ctx.clock(minutes)}.000000"
-    n_ph = anatomy.phases
+    n_ph = 1 if lge else anatomy.phases
+    contrast_kind = "T1" if lge else "UNKNOWN"
     flavor = ["ORIGINAL", "PRIMARY", "CARDIAC_GATED", "NONE"]
     ds.ImageType = flavor
     ds.InstanceNumber = 1
@@ -737,18 +1040,18 @@ def _write_enhanced_series(out: Path, ctx: _Ctx, vendor: _Vendor, anatomy: Cardi
     ds.VolumetricProperties = "VOLUME"
     ds.VolumeBasedCalculationTechnique = "NONE"
     ds.ComplexImageComponent = "MAGNITUDE"
-    ds.AcquisitionContrast = "UNKNOWN"
+    ds.AcquisitionContrast = contrast_kind
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
     ds.PresentationLUTShape = "IDENTITY"
     # MR Pulse Sequence module
-    ds.PulseSequenceName = "BTFE"
+    ds.PulseSequenceName = "IR_TFE" if lge else "BTFE"
     ds.MRAcquisitionType = "2D"
     ds.EchoPulseSequence = "GRADIENT"
     ds.MultiPlanarExcitation = "NO"
     ds.PhaseContrast = "NO"
     ds.TimeOfFlightContrast = "NO"
-    ds.SteadyStatePulseSequence = "FREE_PRECESSION"
+    ds.SteadyStatePulseSequence = "NONE" if lge else "FREE_PRECESSION"
     ds.EchoPlanarPulseSequence = "NO"
     ds.SaturationRecovery = "NO"
     ds.SpectrallySelectedSuppression = "NONE"
@@ -758,7 +1061,7 @@ def _write_enhanced_series(out: Path, ctx: _Ctx, vendor: _Vendor, anatomy: Cardi
     ds.SegmentedKSpaceTraversal = "PARTIAL"
     ds.NumberOfKSpaceTrajectories = 1
     # Cardiac Synchronization module
-    ds.CardiacSynchronizationTechnique = "RETROSPECTIVE"
+    ds.CardiacSynchronizationTechnique = "PROSPECTIVE" if lge else "RETROSPECTIVE"
     ds.CardiacSignalSource = "VCG"
     ds.CardiacRRIntervalSpecified = RR_MS
     ds.CardiacBeatRejectionTechnique = "NONE"
@@ -792,21 +1095,19 @@ def _write_enhanced_series(out: Path, ctx: _Ctx, vendor: _Vendor, anatomy: Cardi
         MRImageFrameTypeSequence=_seq(_item(
             FrameType=flavor, PixelPresentation="MONOCHROME", VolumetricProperties="VOLUME",
             VolumeBasedCalculationTechnique="NONE", ComplexImageComponent="MAGNITUDE",
-            AcquisitionContrast="UNKNOWN")),
+            AcquisitionContrast=contrast_kind)),
         FrameAnatomySequence=_seq(_item(AnatomicRegionSequence=_seq(_heart_code()),
                                         FrameLaterality="U")),
         PixelValueTransformationSequence=_seq(_item(RescaleIntercept=0, RescaleSlope=1,
                                                     RescaleType="US")),
-        FrameVOILUTSequence=_seq(_item(WindowCenter=_WINDOW[0], WindowWidth=_WINDOW[1],
-                                       WindowCenterWidthExplanation="bSSFP")),
+        FrameVOILUTSequence=_seq(_item(WindowCenter=contrast.window()[0], WindowWidth=contrast.window()[1],
+                                       WindowCenterWidthExplanation="IR" if lge else "bSSFP")),
         MRFOVGeometrySequence=_seq(_item(
             InPlanePhaseEncodingDirection="ROW", MRAcquisitionFrequencyEncodingSteps=128,
             MRAcquisitionPhaseEncodingStepsInPlane=128, PercentSampling=100,
             PercentPhaseFieldOfView=100)),
-        MREchoSequence=_seq(_item(EffectiveEchoTime=1.3)),
-        MRModifierSequence=_seq(_item(
-            InversionRecovery="NO", FlowCompensation="NONE", T2Preparation="NO",
-            SpatialPresaturation="NONE", SpectrallySelectedExcitation="NONE", PartialFourier="NO", ParallelAcquisition="NO")),
+        MREchoSequence=_seq(_item(EffectiveEchoTime=3.0 if lge else 1.3)),
+        MRModifierSequence=_seq(_mr_modifier(None)),
         MRImagingModifierSequence=_seq(_item(
             MagnetizationTransfer="NONE", BloodSignalNulling="NO", Tagging="NONE",
             TransmitterFrequency=63.9, PixelBandwidth=930)),
@@ -815,6 +1116,8 @@ def _write_enhanced_series(out: Path, ctx: _Ctx, vendor: _Vendor, anatomy: Cardi
         MRTransmitCoilSequence=_seq(_item(TransmitCoilName="B", TransmitCoilManufacturerName="Philips", TransmitCoilType="BODY")),
         MRAveragesSequence=_seq(_item(NumberOfAverages=1)),
     )
+    if lge:  # the inversion time changes per slice: MR Modifier goes per frame
+        del shared.MRModifierSequence
     ds.SharedFunctionalGroupsSequence = _seq(shared)
     # Per-frame functional groups and pixels
     per_frame, frames = [], []
@@ -838,7 +1141,8 @@ def _write_enhanced_series(out: Path, ctx: _Ctx, vendor: _Vendor, anatomy: Cardi
                     NominalPercentageOfCardiacPhase=round(100.0 * ph / n_ph, 2),
                     RRIntervalTimeNominal=RR_MS)),
                 MRTimingAndRelatedParametersSequence=_seq(_item(
-                    RepetitionTime=2.8, FlipAngle=60, EchoTrainLength=1, RFEchoTrainLength=1,
+                    RepetitionTime=6.1 if lge else 2.8, FlipAngle=25 if lge else 60,
+                    EchoTrainLength=1, RFEchoTrainLength=1,
                     GradientEchoTrainLength=1,
                     SpecificAbsorptionRateSequence=_seq(_item(
                         SpecificAbsorptionRateDefinition="IEC_WHOLE_BODY",
@@ -848,14 +1152,27 @@ def _write_enhanced_series(out: Path, ctx: _Ctx, vendor: _Vendor, anatomy: Cardi
                         _item(OperatingModeType=t, OperatingMode="IEC_NORMAL")
                         for t in ("STATIC FIELD", "RF", "GRADIENT"))))),
             )
+            if lge:
+                fg.MRModifierSequence = _seq(_mr_modifier(_Contrast.inversion_time(s_idx)))
             per_frame.append(fg)
             rng = np.random.default_rng([ctx.seed, rng_key, k])
-            frames.append(anatomy.render(plane, ph, rng))
+            frames.append(contrast.render(anatomy, plane, ph, rng))
     ds.PerFrameFunctionalGroupsSequence = _seq(*per_frame)
     ds.NumberOfFrames = len(frames)
     _pixels_u16(ds, np.stack(frames))
     folder = out / f"S{number:03d}"
-    return _save(ds, folder / "IM_0001.dcm")
+    return _save(ds, folder / "IM_0001.dcm", transfer_syntax=transfer_syntax)
+
+
+def _mr_modifier(inversion_time: float | None) -> Dataset:
+    """MR Modifier functional group item (PS3.3 C.8.13.5.6); inversion recovery when a TI is given."""
+    item = _item(InversionRecovery="NO", FlowCompensation="NONE", T2Preparation="NO",
+                 SpatialPresaturation="NONE", SpectrallySelectedExcitation="NONE", PartialFourier="NO",
+                 ParallelAcquisition="NO")
+    if inversion_time is not None:
+        item.InversionRecovery = "YES"
+        item.InversionTimes = [inversion_time]
+    return item
 
 
 # ----------------------------------------------------------------------------------
@@ -864,8 +1181,11 @@ def _write_enhanced_series(out: Path, ctx: _Ctx, vendor: _Vendor, anatomy: Cardi
 def write_study(out_dir: str | Path, *, style: str = "siemens", seed: int = 0, ef: float = 0.55,
                 effusion_mm: float = 0.0, slices: int = 8, phases: int = 12, size: int = 128,
                 study_description: str = "CMR cardiac function",
-                patient_id: str | None = None) -> PhantomTruth:
-    """Write a synthetic CMR study (localizer, SAX cine stack, 2/3/4-chamber cines).
+                patient_id: str | None = None, transfer_syntax: str | None = None,
+                descriptions: str | None = None, legacy_enhanced: bool = False, lge: bool = False,
+                lge_enhancement: bool = True,
+                view_angles: Mapping[str, float] | None = None) -> PhantomTruth:
+    """Write a synthetic CMR study (localizer, SAX cine stack, 2/3/4-chamber cines, optional LGE).
 
     Parameters
     ----------
@@ -874,6 +1194,12 @@ def write_study(out_dir: str | Path, *, style: str = "siemens", seed: int = 0, e
     seed: drives UIDs, patient identity and noise; same arguments -> same bytes.
     ef: requested LV ejection fraction.  effusion_mm: pericardial fluid thickness.
     slices, phases, size: SAX slices, cine phases, matrix (square).
+    transfer_syntax: a key of :data:`TRANSFER_SYNTAXES`, or None for the style's own.
+    descriptions: one of :data:`DESCRIPTION_MODES`, or None for the style's own.
+    legacy_enhanced: cines (and LGE) as Legacy Converted Enhanced MR Image objects.
+    lge: add an LGE series (``truth.series["LGE"]``); ``lge_enhancement``: with an infarct.
+    view_angles: oblique long-axis planes, degrees on the AHA ring per view.
+    (The variants are described in the module docstring.)
 
     Returns
     -------
@@ -882,54 +1208,91 @@ def write_study(out_dir: str | Path, *, style: str = "siemens", seed: int = 0, e
 
     Raises
     ------
-    ValueError for an unknown style or out-of-range arguments.
+    ValueError for an unknown style, option or out-of-range arguments.
+    RuntimeError when the encoder a transfer syntax needs is missing (dcmtk).
     """
     if style not in STYLES:
         raise ValueError(f"Argument 'style' must be one of {', '.join(STYLES)}, got {style!r}")
     if not 16 <= size <= 1024:
         raise ValueError(f"Argument 'size' must be within [16, 1024], got {size!r}")
+    if transfer_syntax is not None and transfer_syntax not in TRANSFER_SYNTAXES:
+        raise ValueError(f"Argument 'transfer_syntax' must be one of {', '.join(TRANSFER_SYNTAXES)}, "
+                         f"got {transfer_syntax!r}")
+    if descriptions is not None and descriptions not in DESCRIPTION_MODES:
+        raise ValueError(f"Argument 'descriptions' must be one of {', '.join(DESCRIPTION_MODES)}, "
+                         f"got {descriptions!r}")
+    for view in view_angles or {}:
+        if view not in VIEW_ANGLES_DEG:
+            raise ValueError(f"Argument 'view_angles' keys must be among {', '.join(VIEW_ANGLES_DEG)}, "
+                             f"got {view!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     anatomy = CardiacAnatomy(ef=ef, effusion_mm=effusion_mm, phases=phases)
-    key = json.dumps(dict(kind="cardiac", style=style, seed=seed, ef=ef, effusion_mm=effusion_mm,
-                          slices=slices, phases=phases, size=size, desc=study_description,
-                          pid=patient_id), sort_keys=True)
+    vendor = _VENDORS[style]
+    ts_key = transfer_syntax or ("rle" if vendor.rle else "explicit")
+    desc_mode = descriptions or ("blank" if vendor.blank_descriptions else "vendor")
+    key_fields: dict[str, object] = dict(kind="cardiac", style=style, seed=seed, ef=ef, effusion_mm=effusion_mm,
+                                         slices=slices, phases=phases, size=size, desc=study_description,
+                                         pid=patient_id)
+    # Variants that change what the images show are other studies (own UIDs); the
+    # defaults add nothing, so default studies keep their bytes.  Lossless transfer
+    # syntaxes are the same instances encoded differently, and keep the UIDs.
+    if ts_key in _LOSSY:
+        key_fields["ts"] = ts_key
+    if desc_mode != ("blank" if vendor.blank_descriptions else "vendor"):
+        key_fields["descriptions"] = desc_mode
+    if legacy_enhanced:
+        key_fields["legacy_enhanced"] = True
+    if lge:
+        key_fields["lge"] = "enhancement" if lge_enhancement else "no enhancement"
+    if view_angles:
+        key_fields["view_angles"] = {k: float(v) for k, v in view_angles.items()}
+    key = json.dumps(key_fields, sort_keys=True)
     ctx = _Ctx(key, seed, patient_id=patient_id, description=study_description,
                body_part="HEART", modality_tag="CARDIAC")
-    vendor = _VENDORS[style]
+    ts = TRANSFER_SYNTAXES[ts_key] if transfer_syntax else None  # None: the vendor's own (RLE for ge)
+    names = _descriptions(vendor, desc_mode)
     sax, sax_spacing = sax_planes(slices, size)
     thickness = 8.0
+    angles = dict(view_angles or {})
 
     # 1. three-plane localizer (classic MR in every style), sampled in diastole
     loc_items = [(pl, 0, 1.0) for _, pl in localizer_planes(size)]
     _write_classic_series(out, ctx, vendor, anatomy, view="LOCALIZER", items=loc_items,
                           cine=False, thickness=10.0, spacing=None, minutes=1.0,
-                          image_type=["ORIGINAL", "PRIMARY", "LOCALIZER"])
-    # 2.-4. long-axis cines, then 5. the SAX stack
-    order = [("2CH", [lax_plane("2CH", size)], None, 4.0),
-             ("4CH", [lax_plane("4CH", size)], None, 6.0),
-             ("3CH", [lax_plane("3CH", size)], None, 8.0),
-             ("SAX", sax, sax_spacing, 10.0)]
+                          image_type=["ORIGINAL", "PRIMARY", "LOCALIZER"], description=names["LOCALIZER"],
+                          transfer_syntax=ts)
+    # 2.-4. long-axis cines, then 5. the SAX stack, then 6. LGE
+    order = [("2CH", [lax_plane("2CH", size, angle_deg=angles.get("2CH"))], None, 4.0, _CINE),
+             ("4CH", [lax_plane("4CH", size, angle_deg=angles.get("4CH"))], None, 6.0, _CINE),
+             ("3CH", [lax_plane("3CH", size, angle_deg=angles.get("3CH"))], None, 8.0, _CINE),
+             ("SAX", sax, sax_spacing, 10.0, _CINE)]
+    if lge:
+        order.append(("LGE", sax, sax_spacing, 25.0, _Contrast(lge=True, enhancement=lge_enhancement)))
     cine_type = ["ORIGINAL", "PRIMARY", "M", "ND"] if style == "siemens" else ["ORIGINAL", "PRIMARY", "OTHER"]
-    for view, planes, spacing, minutes in order:
-        if vendor.enhanced:
-            _write_enhanced_series(out, ctx, vendor, anatomy, view=view, planes=planes,
-                                   thickness=thickness, spacing=spacing, minutes=minutes)
+    for view, planes, spacing, minutes, contrast in order:
+        n_ph = 1 if contrast.lge else phases
+        step = 0.5 if contrast.lge else 0.25  # LGE: one breath-hold per slice
+        items = [(pl, ph, minutes + i * step) for i, pl in enumerate(planes) for ph in range(n_ph)]
+        common = dict(view=view, thickness=thickness, spacing=spacing, minutes=minutes,
+                      description=names[view], transfer_syntax=ts, contrast=contrast)
+        if legacy_enhanced:
+            _write_legacy_series(out, ctx, vendor, anatomy, items=items, image_type=cine_type, **common)
+        elif vendor.enhanced:
+            _write_enhanced_series(out, ctx, vendor, anatomy, planes=planes, **common)
         else:
-            items = [(pl, ph, minutes + i * 0.25) for i, pl in enumerate(planes)
-                     for ph in range(phases)]
-            _write_classic_series(out, ctx, vendor, anatomy, view=view, items=items, cine=True,
-                                  thickness=thickness, spacing=spacing, minutes=minutes,
-                                  image_type=cine_type)
+            _write_classic_series(out, ctx, vendor, anatomy, items=items, cine=not contrast.lge,
+                                  image_type=cine_type, **common)
 
     edv = anatomy.lv_volume_ml(0)
     esv = anatomy.lv_volume_ml(anatomy.es_phase)
+    views = ("LOCALIZER", "SAX", "2CH", "3CH", "4CH") + (("LGE",) if lge else ())
     truth = PhantomTruth(
         ef=round((edv - esv) / edv, 4), effusion_mm=float(effusion_mm), edv_ml=round(edv, 2),
         esv_ml=round(esv, 2), ed_phase=0, es_phase=anatomy.es_phase,
         study_instance_uid=ctx.study_uid, style=style,
         lv_axis=tuple(round(float(v), 6) for v in LV_AXIS),
-        series={v: ctx.uid("series", v) for v in ("LOCALIZER", "SAX", "2CH", "3CH", "4CH")})
+        series={v: ctx.uid("series", v) for v in views})
     (out / "truth.json").write_text(truth.to_json())
     return truth
 
@@ -1048,7 +1411,11 @@ def write_ct(out_dir: str | Path, seed: int = 0, size: int = 128) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``phantom OUT_DIR [--style ...] [--seed N] [--ef F] ... [--kind cardiac|brain|ct]``."""
+    """CLI: ``phantom OUT_DIR [--style ...] [--seed N] [--ef F] ... [--kind cardiac|brain|ct]``.
+
+    Variants: ``--transfer-syntax``, ``--descriptions``, ``--legacy-enhanced``, ``--lge``
+    (``--no-lge-enhancement``), ``--view-angle 4CH=100`` (repeatable).
+    """
     ap = argparse.ArgumentParser(prog="phantom", description="Write a synthetic DICOM study.")
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--kind", choices=("cardiac", "brain", "ct"), default="cardiac")
@@ -1059,8 +1426,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=8)
     ap.add_argument("--phases", type=int, default=12)
     ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--transfer-syntax", choices=tuple(TRANSFER_SYNTAXES), default=None,
+                    help="default: the style's own (RLE for ge, explicit VR little endian otherwise)")
+    ap.add_argument("--descriptions", choices=DESCRIPTION_MODES, default=None,
+                    help="default: the style's own (blank for ge, vendor otherwise)")
+    ap.add_argument("--legacy-enhanced", action="store_true",
+                    help="cines as Legacy Converted Enhanced MR Image objects")
+    ap.add_argument("--lge", action="store_true", help="add a late gadolinium enhancement SAX series")
+    ap.add_argument("--no-lge-enhancement", action="store_true", help="LGE without the inferolateral infarct")
+    ap.add_argument("--view-angle", action="append", default=[], metavar="VIEW=DEG",
+                    help="oblique long-axis plane, e.g. 4CH=100 (degrees on the AHA ring)")
     args = ap.parse_args(argv)
     try:
+        view_angles = {}
+        for spec in args.view_angle:
+            view, sep, deg = spec.partition("=")
+            try:
+                view_angles[view.strip().upper()] = float(deg)
+            except ValueError:
+                raise ValueError(f"Argument '--view-angle' must look like 4CH=100, got {spec!r}") from None
+            if not sep:
+                raise ValueError(f"Argument '--view-angle' must look like 4CH=100, got {spec!r}")
         if args.kind == "brain":
             paths = write_brain_mr(args.out_dir, seed=args.seed)
             print(f"wrote {len(paths)} brain MR files under {args.out_dir}")
@@ -1070,9 +1456,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             truth = write_study(args.out_dir, style=args.style, seed=args.seed, ef=args.ef,
                                 effusion_mm=args.effusion_mm, slices=args.slices,
-                                phases=args.phases, size=args.size)
+                                phases=args.phases, size=args.size, transfer_syntax=args.transfer_syntax,
+                                descriptions=args.descriptions, legacy_enhanced=args.legacy_enhanced,
+                                lge=args.lge, lge_enhancement=not args.no_lge_enhancement,
+                                view_angles=view_angles or None)
             print(truth.to_json())
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:
         print(f"phantom: error: {exc}", file=sys.stderr)
         return 2
     return 0
