@@ -553,3 +553,49 @@ def test_an_undecodable_sax_slice_is_replaced_by_its_neighbour(tmp_path):
     assert mid2.source.sop_instance_uid != mid.source.sop_instance_uid
     assert any("SAX mid" in line and "could not be decoded" in line for line in lim2), lim2
     assert {im.key for im in images2} >= {"2CH_ED", "3CH_ED", "4CH_ED"}
+
+
+def _restore(ds, how: str):
+    """The same slice stored another way: rotated 90° or mirrored, with the geometry to match."""
+    arr = ds.pixel_array
+    r = np.array(ds.ImageOrientationPatient[:3], float)
+    c = np.array(ds.ImageOrientationPatient[3:], float)
+    ipp = np.array(ds.ImagePositionPatient, float)
+    row_sp, col_sp = (float(x) for x in ds.PixelSpacing)
+    w = arr.shape[1]
+    if how == "rot90":  # new[i, j] = old[j, w-1-i]
+        new, r2, c2 = np.rot90(arr), c, -r
+        ipp2 = ipp + (w - 1) * col_sp * r
+        ds.PixelSpacing = [col_sp, row_sp]
+    else:  # mirrored: new[i, j] = old[i, w-1-j]
+        new, r2, c2 = np.fliplr(arr), -r, c
+        ipp2 = ipp + (w - 1) * col_sp * r
+    ds.Rows, ds.Columns = new.shape
+    ds.PixelData = np.ascontiguousarray(new).astype(arr.dtype).tobytes()
+    ds.ImageOrientationPatient = [float(x) for x in (*r2, *c2)]
+    ds.ImagePositionPatient = [float(x) for x in ipp2]
+    return ds
+
+
+@pytest.mark.parametrize("how", ["rot90", "mirror"])
+def test_rendering_orientation_does_not_depend_on_how_the_scanner_stored_rows(tmp_path, how):
+    """SAX anterior up / septum left, LAX apex up: the same picture however rows and columns were stored."""
+    from pathlib import Path
+
+    from plugin.cardiac import analyse_paths
+    from plugin.phantom import write_study
+
+    write_study(tmp_path / "a", style="siemens", seed=8, slices=6, phases=8, size=96)
+    paths = sorted(str(p) for p in (tmp_path / "a").rglob("*.dcm"))
+    _s, _c, ref, _l = analyse_paths(paths)
+    for p in paths:  # store every cine image the other way
+        ds = pydicom.dcmread(p)
+        if "LOCALIZER" in ds.ImageType:
+            continue
+        _restore(ds, how).save_as(p)
+    _s, cls, other, _l = analyse_paths(paths)
+    assert [im.key for im in other] == [im.key for im in ref]
+    for a, b in zip(ref, other):
+        x = np.asarray(a.to_pil().convert("L"), float)
+        y = np.asarray(b.to_pil().convert("L"), float)
+        assert np.abs(x - y).mean() < 6.0, (a.key, np.abs(x - y).mean())

@@ -128,8 +128,14 @@ class FrameReader:
             self._pixels[key] = arr
         return arr
 
-    def render(self, frame: Frame, size: int = RENDER_SIZE) -> Image.Image:
-        """8-bit grayscale, windowed, ``size`` × ``size`` (aspect kept by padding)."""
+    def render(self, frame: Frame, size: int = RENDER_SIZE,
+               display: Optional["DisplayFrame"] = None) -> Image.Image:
+        """8-bit grayscale, windowed, ``size`` × ``size`` (aspect kept by padding).
+
+        With ``display``, the image is flipped/rotated so that the display's ``up`` and
+        ``right`` patient directions point up and right on screen, whatever the row and
+        column directions the scanner stored (see :class:`DisplayFrame`).
+        """
         arr = self.modality(frame)
         lut = self.lut_dataset(frame)
         has_window = "VOILUTSequence" in lut or _window_ok(lut)
@@ -147,7 +153,11 @@ class FrameReader:
         img8 = np.clip((out - y_lo) * scale, 0, 255).round().astype(np.uint8)
         if lut.PhotometricInterpretation == "MONOCHROME1":
             img8 = 255 - img8
-        return _fit(Image.fromarray(img8, mode="L"), frame.pixel_spacing, size)
+        img = Image.fromarray(img8, mode="L")
+        if display is not None and frame.orientation is not None:
+            img = _isotropic(img, frame.pixel_spacing)
+            return _fit(display.apply(img, frame.orientation), None, size)
+        return _fit(img, frame.pixel_spacing, size)
 
 
 def _window_ok(lut: Dataset) -> bool:
@@ -160,6 +170,73 @@ def _window_ok(lut: Dataset) -> bool:
     except (TypeError, ValueError, IndexError):
         return False
     return math.isfinite(w) and w >= 1.0
+
+
+@dataclass(frozen=True)
+class DisplayFrame:
+    """Where patient directions should point on screen, so every vendor's images look alike.
+
+    Conventions (those of CMR reading, SCMR post-processing 2020): short axis seen from
+    the apex with the anterior wall up and the septum / right ventricle on the viewer's
+    left; long-axis views with the apex up, the lateral (or, in the 2-chamber view,
+    the anterior) wall on the right. ``up`` and ``right`` are unit vectors in LPS.
+    """
+
+    up: tuple[float, float, float]
+    right: tuple[float, float, float]
+
+    @staticmethod
+    def ring(axis) -> tuple[np.ndarray, np.ndarray]:
+        """(septal, anterior) unit directions perpendicular to the LV axis (the AHA ring of classify)."""
+        a = np.asarray(axis, float) / np.linalg.norm(axis)
+        s = np.array([-1.0, -1.0, 0.0])  # patient right + anterior
+        s = s - (s @ a) * a
+        s /= np.linalg.norm(s)
+        w = np.cross(a, s)
+        if w @ np.array([0.0, -1.0, 1.0]) < 0:  # anterior (-y) and superior (+z)
+            w = -w
+        return s, w
+
+    @classmethod
+    def for_view(cls, view: View, axis, orientation) -> Optional["DisplayFrame"]:
+        if axis is None:
+            return None
+        a = np.asarray(axis, float) / np.linalg.norm(axis)
+        septal, anterior = cls.ring(a)
+        if view == View.SAX:
+            return cls(tuple(anterior), tuple(-septal))
+        r, c = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+        t = np.cross(np.cross(r, c), a)  # in-plane, perpendicular to the axis
+        if np.linalg.norm(t) < 1e-6:
+            return None
+        t /= np.linalg.norm(t)
+        ref = -septal if abs(t @ septal) >= 0.3 else anterior
+        return cls(tuple(a), tuple(t if t @ ref >= 0 else -t))
+
+    def apply(self, img: Image.Image, orientation) -> Image.Image:
+        """Flip and rotate ``img`` (isotropic pixels) so ``up``/``right`` point up/right on screen."""
+        r, c = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+        up, right = np.asarray(self.up), np.asarray(self.right)
+        u = np.array([up @ r, up @ c])  # in image coordinates: x = column index, y = row index (down)
+        v = np.array([right @ r, right @ c])
+        if np.linalg.norm(u) < 0.3:  # the wanted "up" is not in this plane: leave the image as stored
+            return img
+        if v[0] * u[1] - v[1] * u[0] > 0:  # mirror image: flip first
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            u[0], v[0] = -u[0], -v[0]
+        angle = math.degrees(math.atan2(u[1], u[0])) + 90.0  # PIL rotates counter-clockwise on screen
+        if abs(angle % 360.0) < 1e-6:
+            return img
+        return img.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=0)
+
+
+def _isotropic(img: Image.Image, spacing: Optional[tuple[float, float]]) -> Image.Image:
+    """Resample so that a pixel is square in mm (rows keep their count)."""
+    if not spacing or spacing[0] == spacing[1] or spacing[0] <= 0 or spacing[1] <= 0:
+        return img
+    row_sp, col_sp = spacing
+    w = max(1, round(img.width * col_sp / row_sp))
+    return img.resize((w, img.height), Image.Resampling.BICUBIC)
 
 
 def _fit(img: Image.Image, spacing: Optional[tuple[float, float]], size: int) -> Image.Image:
@@ -460,8 +537,9 @@ def _lax_location(study: Study, classifications: dict[str, Classification], view
 
 
 def _image(reader: FrameReader, frame: Frame, key: str, view: View, phase: str, label: str,
-           size: int) -> BundleImage:
-    img = reader.render(frame, size)
+           size: int, axis=None) -> BundleImage:
+    display = DisplayFrame.for_view(view, axis, frame.orientation) if frame.orientation is not None else None
+    img = reader.render(frame, size, display)
     return BundleImage(
         key=key, view=view.value, phase=phase, label=label, png_b64=BundleImage.encode_png(img),
         source=SourceRef(sop_class_uid=frame.sop_class_uid, sop_instance_uid=frame.sop_instance_uid,
@@ -554,6 +632,7 @@ def prepare_study(study: Study, classifications: dict[str, Classification], *,
     images: list[BundleImage] = []
     limitations: list[str] = []
     selections: dict[View, Selection] = {}
+    axis = next((c.lv_axis for c in classifications.values() if c.lv_axis is not None), None)
     sax, sax_note = _sax_locations(study, classifications)
     lax = {v: _lax_location(study, classifications, v) for v in LONG_AXIS}
     if not sax and not any(lax.values()):
@@ -627,7 +706,7 @@ def prepare_study(study: Study, classifications: dict[str, Classification], *,
                     c = cines[j]
                     try:
                         pair = [_image(reader, f, f"SAX_{name}_{phase}", View.SAX, phase, f"SAX {name} {phase}",
-                                       size) for phase, f in (("ED", c.phases[0]), ("ES", c.nearest(es_tt, es_idx)))]
+                                       size, axis) for phase, f in (("ED", c.phases[0]), ("ES", c.nearest(es_tt, es_idx)))]
                     except Exception as e:  # noqa: BLE001 - truncated / undecodable pixel data
                         errors.append(f"slice {first + j + 1}: {type(e).__name__}: {e}")
                         continue
@@ -684,7 +763,8 @@ def prepare_study(study: Study, classifications: dict[str, Classification], *,
                                        "first and middle frames")
             sel.update(es_phase=es_i, es_method=es_method)
             for phase, f in (("ED", cine.phases[0]), ("ES", cine.phases[es_i])):
-                images.append(_image(reader, f, f"{view.value}_{phase}", view, phase, f"{view.value} {phase}", size))
+                images.append(_image(reader, f, f"{view.value}_{phase}", view, phase, f"{view.value} {phase}", size,
+                                     axis))
             if c.confidence < 0.5:
                 limitations.append(f"{view.value} identified with low confidence ({c.confidence:.2f}) in {label}")
         except Exception as e:  # noqa: BLE001
