@@ -449,7 +449,6 @@ def _phantom():
     return phantom if hasattr(phantom, "write_study") else None
 
 
-@pytest.mark.skipif(_phantom() is None, reason="plugin/phantom.py not written yet")
 @pytest.mark.parametrize("style", ["siemens", "ge", "philips"])
 def test_phantom_views_and_prepare(tmp_path, style):
     phantom = _phantom()
@@ -482,7 +481,6 @@ def test_phantom_views_and_prepare(tmp_path, style):
     assert elapsed < 20, elapsed
 
 
-@pytest.mark.skipif(_phantom() is None or not hasattr(_phantom(), "write_brain_mr"), reason="no phantom brain MR")
 def test_phantom_brain_mr_and_ct_raise_prepare_error(tmp_path):
     phantom = _phantom()
     phantom.write_brain_mr(tmp_path / "brain", seed=2)
@@ -494,7 +492,6 @@ def test_phantom_brain_mr_and_ct_raise_prepare_error(tmp_path):
             analyse_paths(sorted(p for p in (tmp_path / "ct").rglob("*") if p.is_file()))
 
 
-@pytest.mark.skipif(_phantom() is None, reason="plugin/phantom.py not written yet")
 def test_phantom_misleading_description_geometry_wins(tmp_path):
     truth = _phantom().write_study(tmp_path, style="siemens", seed=3)
     paths = sorted(p for p in Path(tmp_path).rglob("*.dcm"))

@@ -97,7 +97,7 @@ def _dciodvfy_errors(folder: Path) -> dict[str, list[str]]:
     return errors
 
 
-needs_dciodvfy = pytest.mark.skipif(shutil.which(DCIODVFY) is None, reason="dicom3tools dciodvfy not installed")
+needs_dciodvfy = pytest.mark.usefixtures()  # dciodvfy is required: make test installs dicom3tools
 
 
 # ---------------------------------------------------------------------------- transfer syntaxes

@@ -91,6 +91,11 @@ class Answer:
         return f"AI DRAFT — {self.line}"
 
 
+def dicom_text(text: str) -> str:
+    """Model-written text made safe for the text VRs (UT/ST): control characters become spaces."""
+    return " ".join("".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in text).split())
+
+
 def answers(template: Template, result: InferenceResult) -> list[Answer]:
     """The result's answers in template order, resolved to template options.
 
@@ -384,7 +389,7 @@ def build_measurement_report(
             value="Flagged for urgent review: " + "; ".join(a.line for a in critical)))
     if template.impression and result.impression.strip():
         texts.append(TextContentItem(name=codes.DCM.Impression, relationship_type=_CONT,
-                                     value=f"AI DRAFT impression: {result.impression.strip()}"))
+                                     value=f"AI DRAFT impression: {dicom_text(result.impression)}"))
     for lim in _limitations(template, ans, limitations):
         texts.append(TextContentItem(name=codes.DCM.Comment, value=f"Limitation: {lim}",
                                      relationship_type=_CONT))
@@ -470,7 +475,7 @@ def build_narrative_report(
         imp = ContainerContentItem(name=codes.DCM.Impressions, is_content_continuous=False,
                                    relationship_type=_CONT)
         imp.ContentSequence = [TextContentItem(name=codes.DCM.Impression, relationship_type=_CONT,
-                                               value=f"AI DRAFT: {result.impression.strip()}")]
+                                               value=f"AI DRAFT: {dicom_text(result.impression)}")]
         items.append(imp)
     for lim in _limitations(template, ans, limitations):
         items.append(TextContentItem(name=codes.DCM.Comment, value=f"Limitation: {lim}",

@@ -31,6 +31,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import threading
 import time
 import warnings
@@ -90,6 +91,9 @@ _PROCESSOR_FILES = (
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class ModelLoadError(RuntimeError):
@@ -603,7 +607,8 @@ class Engine:
         new = out[0, inputs["input_ids"].shape[1] :]
         text = self.processor.tokenizer.decode(new, skip_special_tokens=True)
         # A byte-level tokenizer cut off mid-character decodes to U+FFFD: drop it.
-        return text.replace("\ufffd", "").strip()
+        # Control characters (tabs, stray escapes) are not valid in DICOM text VRs: one space each.
+        return " ".join(CONTROL_CHARS.sub(" ", text.replace("\ufffd", "")).split())
 
     def _pad_id(self) -> int:
         tok = self.processor.tokenizer
