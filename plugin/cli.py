@@ -1,4 +1,4 @@
-"""``cmr-ai`` command line: serve | worker | phantom | demo | inspect | rules check."""
+"""``cmr-ai`` command line: serve | worker | phantom | demo | inspect | rules check|explain|test."""
 from __future__ import annotations
 
 import argparse
@@ -117,8 +117,170 @@ def cmd_rules_check(args) -> int:
         for line in e.errors:
             print(line)
         return 1
-    print(f"{args.file}: OK ({len(s.rules)} rules, {len(s.destinations)} destinations, {len(s.models)} models)")
+    print(f"{args.file}: OK ({len(s.rules)} rules, {len(s.destinations)} destinations, {len(s.models)} models; "
+          f"rules version {s.rules_version})")
     return 0
+
+
+def _parse_at(text: Optional[str]):
+    """``--at "2024-05-01 23:30"`` → a local datetime (None: now)."""
+    from datetime import datetime
+
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text.strip().replace(" ", "T", 1))
+    except ValueError:
+        raise SystemExit(f"cmr-ai rules: --at {text!r}: expected a local date and time like '2024-05-01 23:30'")
+
+
+def _rules_settings(path: str):
+    """Settings for explain/test; prints every error and returns None when the file is invalid."""
+    from plugin.config import ConfigError, load_settings
+
+    try:
+        return load_settings(path)
+    except ConfigError as e:
+        for line in e.errors:
+            print(line)
+        return None
+
+
+def cmd_rules_explain(args) -> int:
+    from plugin.routing import StudyFacts, dicom_files, route
+
+    settings = _rules_settings(args.file)
+    if settings is None:
+        return 2
+    try:
+        groups, studies, skipped = dicom_files(args.study_dir)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        print(f"cmr-ai rules explain: error: {e}", file=sys.stderr)
+        return 2
+    facts = StudyFacts.from_folder(args.study_dir, calling_ae=args.calling_ae, source_ip=args.source_ip)
+    decision = route(settings.rules, facts, now=_parse_at(args.at), rules_version=settings.rules_version,
+                     evaluate_all=True)
+    n_files = sum(len(v) for v in groups.values())
+    print(f"rules:  {args.file} (version {settings.rules_version}, {len(settings.rules)} rules)")
+    print(f"study:  {args.study_dir}: {', '.join(studies) or 'no StudyInstanceUID'} — {len(groups)} series, "
+          f"{n_files} DICOM files" + (f", {len(skipped)} other file{'s' if len(skipped) > 1 else ''} skipped"
+                                       if skipped else ""))
+    if len(studies) > 1:
+        print(f"        note: the folder holds {len(studies)} studies; the node would route each on its own")
+    print(f"seen as: calling AE {args.calling_ae or '(not given: --calling-ae)'}, source IP "
+          f"{args.source_ip or '(not given: --source-ip)'}, node time {decision.at:%a %Y-%m-%d %H:%M}")
+    print()
+    for line in decision.lines():
+        print(line)
+    if decision.early:
+        print(f"expected views present ({', '.join(decision.views)}): the node would act after "
+              f"1 s of quiet instead of {decision.stable_after:g} s")
+    return 0
+
+
+def _load_cases(path: str) -> tuple[list[dict], list[str]]:
+    """The cases of a ``rules test`` file, and its mistakes as FILE:LINE: key: message."""
+    import difflib
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError
+
+    from plugin.yamlmarks import key_of, line_of
+
+    try:
+        text = open(path).read()
+    except OSError as e:
+        return [], [f"{path}: cannot read: {e.strerror}"]
+    try:
+        top = YAML(typ="rt").load(text)
+    except MarkedYAMLError as e:
+        return [], [f"{path}:{(e.problem_mark.line + 1) if e.problem_mark else 1}: YAML syntax: {e.problem}"]
+    items, root = (top["cases"], ("cases",)) if isinstance(top, dict) and "cases" in top else (top, ())
+    if not isinstance(items, list) or not items:
+        return [], [f"{path}:1: expected a list of cases such as - {{study: cardiac/, expect: cardiac-mr}}"]
+    allowed = ("study", "expect", "calling_ae", "source_ip", "at")
+    cases, errors = [], []
+
+    def err(loc: tuple, msg: str) -> None:
+        errors.append(f"{path}:{line_of(top, loc)}: {key_of(loc)}: {msg}")
+
+    for i, c in enumerate(items):
+        loc = root + (i,)
+        if not isinstance(c, dict):
+            err(loc, "expected a mapping such as {study: DIR, expect: RULE}")
+            continue
+        for k in c:
+            if k not in allowed:
+                h = difflib.get_close_matches(str(k), allowed, n=1)
+                err(loc + (k,), f"unknown key {k!r}" + (f"; did you mean {h[0]!r}?" if h else
+                                                        f"; expected one of {', '.join(allowed)}"))
+        if not isinstance(c.get("study"), str):
+            err(loc + ("study",), "a folder is needed (relative to the cases file)")
+        exp = c.get("expect", ...)
+        if exp is ...:
+            err(loc, "expect is needed: a rule name, a list of rule names, or ignore")
+        elif not (exp is None or isinstance(exp, str) or (isinstance(exp, list) and
+                                                           all(isinstance(x, str) for x in exp))):
+            err(loc + ("expect",), "expected a rule name, a list of rule names, or ignore")
+        case = {k: (str(v) if k in ("calling_ae", "source_ip", "at") and v is not None else v) for k, v in c.items()}
+        case["_line"] = line_of(top, loc)
+        cases.append(case)
+    return cases, errors
+
+
+def cmd_rules_test(args) -> int:
+    from pathlib import Path
+
+    from plugin.routing import StudyFacts, route
+
+    settings = _rules_settings(args.file)
+    if settings is None:
+        return 2
+    cases, errors = _load_cases(args.cases)
+    if errors:
+        for e in errors:
+            print(e)
+        return 2
+    names = {r.name for r in settings.rules}
+    base = Path(args.cases).resolve().parent
+    failed = 0
+    for c in cases:
+        exp = c["expect"]
+        expected = [] if exp in (None, "ignore") else ([exp] if isinstance(exp, str) else list(exp))
+        label = f"{args.cases}:{c['_line']}: {c['study']}"
+        unknown = [e for e in expected if e not in names]
+        if unknown:
+            print(f"FAIL  {label}: expect names no rule of {args.file}: {', '.join(unknown)}")
+            failed += 1
+            continue
+        folder = base / c["study"]
+        try:
+            facts = StudyFacts.from_folder(folder, calling_ae=c.get("calling_ae"), source_ip=c.get("source_ip"))
+        except (FileNotFoundError, NotADirectoryError) as e:
+            print(f"FAIL  {label}: {e}")
+            failed += 1
+            continue
+        if not facts.headers:
+            print(f"FAIL  {label}: no DICOM file in {folder}")
+            failed += 1
+            continue
+        d = route(settings.rules, facts, now=_parse_at(c.get("at")), rules_version=settings.rules_version)
+        acting = [a.rule for a in d.actions if a.action != "ignore"]
+        got = list(d.rules)
+        ok = (got == expected) or (not expected and not acting)
+        shown = ", ".join(got) if got else "no rule"
+        if ok:
+            print(f"PASS  {label}: {shown} ({d.summary()})")
+            continue
+        failed += 1
+        want = ", ".join(expected) or "ignore"
+        print(f"FAIL  {label}: expected {want}, got {shown} ({d.summary()})")
+        for t in d.trace:
+            if t.rule in expected and not t.matched:
+                print(f"        {t.rule}: " + ("not reached: an earlier rule decided" if not t.reached and
+                                               not t.evaluated else t.reason()))
+    print(f"{len(cases) - failed} passed, {failed} failed ({args.file}, rules version {settings.rules_version})")
+    return 1 if failed else 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -159,6 +321,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     rp = rsub.add_parser("check", help="validate a config file; every error as FILE:LINE: message")
     rp.add_argument("file")
     rp.set_defaults(fn=cmd_rules_check)
+    rp = rsub.add_parser("explain", help="every rule in order for a study folder: matched or not, and why")
+    rp.add_argument("file", help="config file")
+    rp.add_argument("study_dir", help="folder of one study's DICOM files (searched recursively)")
+    rp.add_argument("--calling-ae", help="calling AE title the study would come from")
+    rp.add_argument("--source-ip", help="IP address the study would come from")
+    rp.add_argument("--at", help="node local time to route at, e.g. '2024-05-01 23:30' (default: now)")
+    rp.set_defaults(fn=cmd_rules_explain)
+    rp = rsub.add_parser("test", help="check the rule each study of a cases file gets (exit 1 on a failure)")
+    rp.add_argument("file", help="config file")
+    rp.add_argument("cases", help="YAML list of {study: DIR, expect: RULE | [RULES] | ignore} "
+                                  "(optional calling_ae, source_ip, at); folders relative to this file")
+    rp.set_defaults(fn=cmd_rules_test)
 
     if argv and argv[0] == "phantom":
         return cmd_phantom(None, argv[1:])

@@ -14,9 +14,10 @@ from plugin.yamlmarks import key_of, line_of
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError
 
@@ -126,25 +127,69 @@ class Destination(_Strict):
         return next(k for k in ("dimse", "dicomweb", "folder") if getattr(self, k) is not None)
 
 
-MatchValue = Union[str, int, float, list[Union[str, int, float]]]
-
-
 class Rule(_Strict):
+    """One routing rule. The grammar of ``match`` and ``expected_views`` lives in
+    :mod:`plugin.routing` (one place for the loader and the matcher); see docs/rules.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     name: str
-    match: dict[str, MatchValue] = Field(default_factory=dict)
-    action: Literal["analyse", "ignore"] = "analyse"
+    match: Any = Field(default_factory=dict)  # checked by plugin.routing (file:line errors per condition)
+    action: Literal["analyse", "forward", "ignore"] = "analyse"
+    continue_: bool = Field(False, alias="continue")
     stable_after: float = Field(3.0, ge=0)
+    expected_views: list[str] = Field(default_factory=list)
     template: Optional[str] = None
     model: Optional[str] = None
     priority: int = Field(5, ge=0, le=9)
     send_to: list[str] = Field(default_factory=list)
+    forward_to: list[str] = Field(default_factory=list)
+
+    _condition: Any = PrivateAttr(None)  # the compiled match (plugin.routing)
+    _line: Optional[int] = PrivateAttr(None)  # where the rule starts in its file
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_action(cls, data: Any) -> Any:
+        """Without ``action``: a rule that only has ``forward_to`` forwards; otherwise it analyses."""
+        if isinstance(data, dict) and "action" not in data and data.get("forward_to") \
+                and not data.get("template") and not data.get("model"):
+            data = {**data, "action": "forward"}
+        return data
+
+    @field_validator("expected_views")
+    @classmethod
+    def _views(cls, v: list[str]) -> list[str]:
+        from plugin.cardiac.views import View
+
+        out = []
+        for x in v:
+            try:
+                out.append(View.parse(str(x)).value)
+            except ValueError:
+                out.append(x)  # reported by plugin.routing with its line
+        return out
 
     @model_validator(mode="after")
-    def _analyse_needs(self) -> "Rule":
+    def _action_needs(self) -> "Rule":
         if self.action == "analyse":
             missing = [k for k in ("template", "model") if not getattr(self, k)]
             if missing:
-                raise ValueError(f"action 'analyse' needs {' and '.join(missing)}")
+                raise ValueError(f"action 'analyse' needs {' and '.join(missing)}"
+                                 + ("" if self.template or self.model else
+                                    " (a rule that only forwards: action: forward with forward_to)"))
+        elif self.action == "forward":
+            if not self.forward_to:
+                raise ValueError("action 'forward' needs forward_to (destination names)")
+            extra = [k for k in ("template", "model") if getattr(self, k)] + (["send_to"] if self.send_to else [])
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply to action 'analyse' (to analyse and forward, "
+                                 "write action: analyse with forward_to)")
+        elif self.forward_to:
+            raise ValueError("action 'ignore' cannot have forward_to (did you mean action: forward?)")
+        from plugin.routing import compile_rule
+
+        self._condition = compile_rule(self)
         return self
 
 
@@ -158,8 +203,9 @@ class Settings(_Strict):
     rules: list[Rule] = Field(default_factory=list)
     templates_dir: Optional[str] = None
 
-    # Where the file was loaded from (not a YAML key).
+    # Where the file was loaded from, and the version of its content (not YAML keys).
     source: Optional[str] = Field(None, exclude=True)
+    rules_version: Optional[str] = Field(None, exclude=True)
 
     @property
     def base_dir(self) -> Path:
@@ -183,12 +229,17 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
             ann = cur.model_fields[part].annotation
             cur = _inner_model(ann)
         elif isinstance(cur, type) and issubclass(cur, BaseModel):
-            return list(cur.model_fields)
+            return _keys(cur)
         else:
             cur = None
     if isinstance(cur, type) and issubclass(cur, BaseModel):
-        return list(cur.model_fields)
+        return _keys(cur)
     return []
+
+
+def _keys(model: type[BaseModel]) -> list[str]:
+    """The YAML keys of a model: aliases where set (``continue``), never the excluded fields."""
+    return [f.alias or name for name, f in model.model_fields.items() if not f.exclude]
 
 
 def _inner_model(ann: Any) -> Any:
@@ -202,12 +253,17 @@ def _inner_model(ann: Any) -> Any:
     return None
 
 
-def _semantic_errors(raw: dict, templates_dir: Optional[str], check_templates: bool = True) -> list[tuple[tuple, str]]:
-    """Cross-reference checks pydantic cannot do on its own.
+def _semantic_errors(raw: dict, templates_dir: Optional[str], check_templates: bool = True,
+                     line_for=lambda loc: 0) -> list[tuple[tuple, str]]:
+    """Cross-reference checks pydantic cannot do on its own, and the rule grammar.
 
     They run on the plain document (not the validated model) so they are reported
-    together with the schema errors, not after them.
+    together with the schema errors, not after them. The grammar of ``match`` and
+    ``expected_views`` is :func:`plugin.routing.rule_set_errors`: the same code the
+    node evaluates with.
     """
+    from plugin.routing import rule_set_errors
+
     errs: list[tuple[tuple, str]] = []
     dests = raw.get("destinations") if isinstance(raw.get("destinations"), dict) else {}
     models = raw.get("models") if isinstance(raw.get("models"), dict) else {"demo": {}}
@@ -219,15 +275,18 @@ def _semantic_errors(raw: dict, templates_dir: Optional[str], check_templates: b
         name = r.get("name")
         if isinstance(name, str):
             if name in seen:
-                errs.append((("rules", i, "name"), f"duplicate rule name {name!r} (first at rules[{seen[name]}])"))
+                errs.append((("rules", i, "name"), f"duplicate rule name {name!r} (first at rules[{seen[name]}]"
+                             + (f", line {line_for(('rules', seen[name]))})" if line_for(("rules", seen[name]))
+                                else ")")))
             seen.setdefault(name, i)
-        send_to = r.get("send_to") if isinstance(r.get("send_to"), list) else []
-        for j, d in enumerate(send_to):
-            if isinstance(d, str) and d not in dests:
-                hint = difflib.get_close_matches(d, list(dests), n=1)
-                errs.append((("rules", i, "send_to", j),
-                             f"unknown destination {d!r}" + (f"; did you mean {hint[0]!r}?" if hint else
-                                                             f"; defined: {sorted(dests) or 'none'}")))
+        for key in ("send_to", "forward_to"):
+            targets = r.get(key) if isinstance(r.get(key), list) else []
+            for j, d in enumerate(targets):
+                if isinstance(d, str) and d not in dests:
+                    hint = difflib.get_close_matches(d, list(dests), n=1)
+                    errs.append(((("rules", i, key, j)),
+                                 f"unknown destination {d!r}" + (f"; did you mean {hint[0]!r}?" if hint else
+                                                                 f"; defined: {sorted(dests) or 'none'}")))
         model = r.get("model")
         if isinstance(model, str) and model not in models:
             hint = difflib.get_close_matches(model, list(models), n=1)
@@ -242,27 +301,8 @@ def _semantic_errors(raw: dict, templates_dir: Optional[str], check_templates: b
                 errs.append((("rules", i, "template"), f"template {template!r}: " + "; ".join(e.errors)))
             except FileNotFoundError as e:
                 errs.append((("rules", i, "template"), str(e)))
-        match = r.get("match") if isinstance(r.get("match"), dict) else {}
-        for k, v in match.items():
-            vals = v if isinstance(v, list) else [v]
-            for val in vals:
-                if isinstance(val, str):
-                    try:
-                        re.compile(val)
-                    except re.error as e:
-                        errs.append((("rules", i, "match", k), f"bad regular expression {val!r}: {e}"))
-            from pydicom.datadict import tag_for_keyword
-            if tag_for_keyword(k) is None:
-                hint = _keyword_hint(k)
-                errs.append((("rules", i, "match", k), f"{k!r} is not a DICOM keyword" +
-                             (f"; did you mean {hint!r}?" if hint else "")))
+    errs += rule_set_errors(rules, line_for)
     return errs
-
-
-def _keyword_hint(k: str) -> Optional[str]:
-    from pydicom.datadict import keyword_dict
-    m = difflib.get_close_matches(k, list(keyword_dict), n=1, cutoff=0.75)
-    return m[0] if m else None
 
 
 def _plain(node: Any) -> Any:
@@ -296,13 +336,25 @@ def load_settings(path: str | Path, *, check_templates: bool = True) -> Settings
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError([f"{path}:1: the config must be a mapping of sections (node, storage, …)"])
-    errors: list[str] = []
+    errors: list[tuple[int, str]] = []
     raw = _plain(doc)
+    for reserved in ("source", "rules_version"):
+        if reserved in raw:
+            errors.append((line_of(doc, (reserved,)), f"{path}:{line_of(doc, (reserved,))}: {reserved}: unknown key "
+                           f"{reserved!r}; expected one of {', '.join(_keys(Settings))}"))
+            raw.pop(reserved)
+    from plugin.routing import RuleGrammarError, rules_version
+
     settings = None
+    grammar_errors: list[tuple[tuple, str]] = []
     try:
-        settings = Settings.model_validate({**raw, "source": str(path)})
+        settings = Settings.model_validate({**raw, "source": str(path), "rules_version": rules_version(text)})
     except ValidationError as ve:
         for err in ve.errors():
+            grammar = (err.get("ctx") or {}).get("error")
+            if isinstance(grammar, RuleGrammarError):  # the same mistakes, with their own lines, come from
+                grammar_errors += [(err["loc"][:2] + loc, m) for loc, m in grammar.errors]  # _semantic_errors
+                continue
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
@@ -312,11 +364,17 @@ def load_settings(path: str | Path, *, check_templates: bool = True) -> Settings
                                                      (f"; expected one of {', '.join(known)}" if known else ""))
             errors.append((line_of(doc, loc), f"{path}:{line_of(doc, loc)}: {key_of(loc)}: {msg}"))
     tdir = raw.get("templates_dir") if isinstance(raw.get("templates_dir"), str) else None
-    for loc, msg in _semantic_errors(raw, tdir, check_templates):
+    for loc, msg in _semantic_errors(raw, tdir, check_templates, lambda loc: line_of(doc, loc)):
         errors.append((line_of(doc, loc), f"{path}:{line_of(doc, loc)}: {key_of(loc)}: {msg}"))
+    if settings is None and not errors:  # cannot happen while both use plugin.routing; never hide a mistake
+        errors = [(line_of(doc, loc), f"{path}:{line_of(doc, loc)}: {key_of(loc)}: {msg}")
+                  for loc, msg in grammar_errors]
     if errors:
-        raise ConfigError([m for _, m in sorted(errors, key=lambda e: e[0])])
+        unique = list(dict.fromkeys(m for _, m in sorted(errors, key=lambda e: e[0])))
+        raise ConfigError(unique)
     assert settings is not None
+    for i, rule in enumerate(settings.rules):
+        rule._line = line_of(doc, ("rules", i))
     return settings
 
 

@@ -67,7 +67,8 @@ class Study(Base):
     state: Mapped[StudyState] = mapped_column(Enum(StudyState, native_enum=False, length=16),
                                               default=StudyState.RECEIVING, index=True)
     rule: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
-    decision: Mapped[Optional[str]] = mapped_column(Text, nullable=True)  # why (routing explanation)
+    decision: Mapped[Optional[str]] = mapped_column(Text, nullable=True)  # why: routing trace (JSON)
+    rules_version: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)  # config version that decided
     first_received: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_received: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     n_instances: Mapped[int] = mapped_column(Integer, default=0)
@@ -100,10 +101,18 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+class JobKind(str, enum.Enum):
+    ANALYSE = "analyse"  # prepare → infer → report → outbox
+    FORWARD = "forward"  # the study's original instances, straight to the outbox (no Celery chain)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    kind: Mapped[Optional[JobKind]] = mapped_column(Enum(JobKind, native_enum=False, length=16),
+                                                    default=JobKind.ANALYSE, nullable=True)
+    rules_version: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)  # config version that routed it
     rule: Mapped[str] = mapped_column(String(128))
     template: Mapped[str] = mapped_column(String(128))
     model: Mapped[str] = mapped_column(String(128))
@@ -136,7 +145,7 @@ class Export(Base):
     destination: Mapped[str] = mapped_column(String(128))
     sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     path: Mapped[str] = mapped_column(String(1024))
-    kind: Mapped[str] = mapped_column(String(16), default="")  # sr, text-sr, sc
+    kind: Mapped[str] = mapped_column(String(16), default="")  # sr, text-sr, sc; "original" for a forward
     state: Mapped[ExportState] = mapped_column(Enum(ExportState, native_enum=False, length=16),
                                                default=ExportState.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -17,16 +17,59 @@ from sqlalchemy import select
 
 from plugin import db
 from plugin.config import Settings
-from plugin.routing import Decision
+from plugin.routing import Decision, RuleAction
 
 log = logging.getLogger("cmr_ai.jobs")
 
+#: Export.kind of a forwarded original instance.
+ORIGINAL = "original"
 
-def create_job(s, study: db.Study, decision: Decision) -> db.Job:
-    job = db.Job(study_id=study.id, rule=decision.rule or "", template=decision.template or "",
-                 model=decision.model or "", priority=decision.priority, destinations=",".join(decision.send_to),
-                 state=db.JobState.QUEUED)
+
+def create_job(s, study: db.Study, decision: Decision | RuleAction, rules_version: Optional[str] = None) -> db.Job:
+    """An analysis job (QUEUED) for one matched ``analyse`` rule; :func:`launch` sends its chain."""
+    job = db.Job(study_id=study.id, kind=db.JobKind.ANALYSE, rule=decision.rule or "",
+                 template=decision.template or "", model=decision.model or "", priority=decision.priority,
+                 destinations=",".join(decision.send_to), state=db.JobState.QUEUED,
+                 rules_version=rules_version or getattr(decision, "rules_version", None))
     s.add(job)
+    s.flush()
+    return job
+
+
+def create_forward_job(s, study: db.Study, action: RuleAction, rules_version: Optional[str] = None
+                       ) -> Optional[db.Job]:
+    """A forward job: the study's original instances as outbox rows, one per instance × destination.
+
+    The job starts in EXPORTING: there is nothing to compute, and the outbox sends
+    the files as they were received (same SOP Instance UIDs, same transfer syntax),
+    with the same retries, back-off and dead letters as results. Instances already
+    forwarded to a destination (sent or still pending, e.g. before the study was
+    re-opened by late instances) are not queued again. Returns None when there is
+    nothing new to send.
+    """
+    instances = s.scalars(select(db.Instance).join(db.Series).where(db.Series.study_id == study.id)
+                          .order_by(db.Series.series_number, db.Series.id, db.Instance.id)).all()
+    uids = [i.sop_instance_uid for i in instances]
+    done = set()
+    if uids:
+        done = {(d, u) for d, u in s.execute(
+            select(db.Export.destination, db.Export.sop_instance_uid)
+            .where(db.Export.kind == ORIGINAL, db.Export.sop_instance_uid.in_(uids),
+                   db.Export.state.in_([db.ExportState.PENDING, db.ExportState.SENT])))}
+    rows = [(dest, inst) for dest in action.forward_to for inst in instances
+            if (dest, inst.sop_instance_uid) not in done]
+    if not rows:
+        log.info("study %s: rule %s: every instance was already forwarded to %s", study.study_instance_uid,
+                 action.rule, ", ".join(action.forward_to))
+        return None
+    job = db.Job(study_id=study.id, kind=db.JobKind.FORWARD, rule=action.rule, template="", model="",
+                 priority=action.priority, destinations=",".join(action.forward_to), state=db.JobState.EXPORTING,
+                 rules_version=rules_version)
+    s.add(job)
+    s.flush()
+    for dest, inst in rows:
+        s.add(db.Export(job_id=job.id, destination=dest, sop_instance_uid=inst.sop_instance_uid, path=inst.path,
+                        kind=ORIGINAL))
     s.flush()
     return job
 
@@ -77,8 +120,8 @@ def recover(settings: Settings) -> list[int]:
     relaunch: list[tuple[int, int]] = []
     with db.session_scope(settings.database.url) as s:
         for job in s.scalars(select(db.Job).where(db.Job.state.notin_([db.JobState.DONE, db.JobState.FAILED]))):
-            if job.state == db.JobState.EXPORTING:
-                continue  # results are written; the outbox finishes it
+            if job.state == db.JobState.EXPORTING or job.kind == db.JobKind.FORWARD:
+                continue  # results are written (or it only forwards): the outbox finishes it
             job.state = db.JobState.QUEUED
             relaunch.append((job.id, job.priority))
     for jid, prio in relaunch:

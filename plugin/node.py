@@ -21,30 +21,54 @@ import pydicom
 from sqlalchemy import func, select
 
 from plugin import db, jobs, outbox
-from plugin.config import Settings
+from plugin.config import ConfigError, Settings, load_settings
 from plugin.dimse.scp import StoreSCP
-from plugin.routing import Decision, route
+from plugin.routing import Decision, StudyFacts, min_quiet, read_series_headers, route, rules_version
 from plugin.storage import InstanceStore
 
 log = logging.getLogger("cmr_ai.node")
 
 
 def study_headers(s, study: db.Study) -> list[pydicom.Dataset]:
-    """One header (no pixels) per series of the study: what routing looks at."""
-    out = []
+    """One header (no pixels) per series of the study: what routing looks at.
+
+    The header is read by :func:`plugin.routing.read_series_headers` (the first of the
+    series' instances, in the order received, that reads), the same function
+    ``cmr-ai rules explain`` uses on a folder, so both see a study alike.
+    """
+    groups = []
     for se in study.series:
-        inst = s.scalar(select(db.Instance).where(db.Instance.series_id == se.id).order_by(db.Instance.id).limit(1))
-        if inst is None:
-            continue
-        try:
-            out.append(pydicom.dcmread(inst.path, stop_before_pixels=True))
-        except Exception as e:  # a stored file that no longer reads: route on what the index knows
-            log.warning("cannot read %s for routing: %s", inst.path, e)
-            ds = pydicom.Dataset()
-            ds.Modality, ds.SeriesDescription = se.modality, se.series_description
-            ds.StudyDescription = study.study_description
-            out.append(ds)
+        paths = s.scalars(select(db.Instance.path).where(db.Instance.series_id == se.id)
+                          .order_by(db.Instance.id).limit(3)).all()
+        groups.append((se, paths))
+    out = []
+    for (se, _paths), header in zip(groups, read_series_headers(p for _, p in groups)):
+        if header is None:
+            if not _paths:
+                continue
+            header = pydicom.Dataset()  # no file of the series reads: route on what the index knows
+            header.Modality, header.SeriesDescription = se.modality, se.series_description
+            header.StudyDescription = study.study_description
+            header.SeriesInstanceUID = se.series_instance_uid
+        out.append(header)
     return out
+
+
+def study_facts(s, study: db.Study) -> StudyFacts:
+    """What routing knows of a stored study: headers, files (read only if a rule asks), association."""
+
+    def paths() -> list[str]:
+        return list(s.scalars(select(db.Instance.path).join(db.Series).where(db.Series.study_id == study.id)
+                              .order_by(db.Instance.id)).all())
+
+    return StudyFacts(headers=study_headers(s, study), paths=paths,
+                      calling_ae=(study.calling_ae or "").strip() or None,
+                      source_ip=(study.source_ip or "").strip() or None, study_instance_uid=study.study_instance_uid)
+
+
+#: Sections a running node can take from a changed config file; any other change needs a restart.
+RELOADABLE = ("rules", "destinations")
+CONFIG_POLL = 1.0  # seconds between looks at the config file
 
 
 class Node:
@@ -58,7 +82,22 @@ class Node:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._worker: Optional[subprocess.Popen] = None
-        self._routes: dict[tuple[int, int], Decision] = {}
+        self._worker_restarting = False
+        self._routes: dict[tuple[int, int, Optional[str]], Decision] = {}
+        self._reload = threading.Event()  # set by SIGHUP
+        self._config_stamp: Optional[tuple[int, int]] = None  # (mtime_ns, size) last looked at
+        self._refused: Optional[str] = None  # version of the last file refused (logged once)
+        self._next_config_check = 0.0
+        self._config_text: Optional[str] = None  # the text of the config in force (for the embedded worker)
+        if settings.source:
+            try:
+                st = os.stat(settings.source)
+                self._config_stamp = (st.st_mtime_ns, st.st_size)
+                text = Path(settings.source).read_text()
+                if rules_version(text) == settings.rules_version:
+                    self._config_text = text
+            except OSError:
+                pass
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
@@ -100,13 +139,21 @@ class Node:
             log.info("signal %s: stopping", signum)
             self._stop.set()
 
+        def _hup(_signum, _frame):  # the stability thread re-reads the file (and logs) at its next pass
+            self._reload.set()
+
         signal.signal(signal.SIGTERM, _term)
         signal.signal(signal.SIGINT, _term)
+        signal.signal(signal.SIGHUP, _hup)
         self.start()
         try:
             while not self._stop.wait(1.0):
                 if self.start_worker and self._worker is not None and self._worker.poll() is not None:
-                    log.error("embedded worker exited with %s: restarting it", self._worker.returncode)
+                    if self._worker_restarting:
+                        log.info("embedded worker stopped for the new config: starting it again")
+                    else:
+                        log.error("embedded worker exited with %s: restarting it", self._worker.returncode)
+                    self._worker_restarting = False
                     self._spawn_worker()
         finally:
             self.stop()
@@ -126,10 +173,28 @@ class Node:
         except Exception as e:
             log.warning("could not purge the embedded broker: %s", e)
 
+    def _worker_config(self) -> Path:
+        """The config file for the embedded worker: a copy of the one in force.
+
+        A copy, not the admin's file: a worker (re)started after an edit the node
+        refused must run with what the node runs with. Relative paths in the config
+        are taken from the current directory, so the copy means the same.
+        """
+        assert self.settings.source
+        if self._config_text is None:
+            return Path(self.settings.source).resolve()
+        from plugin.storage import write_atomic
+        from worker.app import var_dir
+
+        path = var_dir(self.settings) / "run" / f"config-{self.settings.rules_version}.yaml"
+        if not path.exists():
+            write_atomic(path, self._config_text.encode())
+        return path.resolve()
+
     def _spawn_worker(self) -> None:
         if not self.settings.source:
             raise RuntimeError("the embedded worker needs the config file path (Settings.source)")
-        env = dict(os.environ, CMR_AI_CONFIG=str(Path(self.settings.source).resolve()), HF_HUB_OFFLINE="1")
+        env = dict(os.environ, CMR_AI_CONFIG=str(self._worker_config()), HF_HUB_OFFLINE="1")
         cmd = [sys.executable, "-m", "plugin.cli", "worker", "--config", env["CMR_AI_CONFIG"],
                "--queues", "node,gpu", "--concurrency", str(self.settings.queue.worker_concurrency)]
         log.info("starting embedded worker: %s", " ".join(cmd))
@@ -139,9 +204,93 @@ class Node:
     def _stability_loop(self) -> None:
         while not self._stop.wait(self.poll):
             try:
+                forced = self._reload.is_set()
+                if forced or time.monotonic() >= self._next_config_check:
+                    if forced:
+                        log.info("SIGHUP: re-reading %s", self.settings.source)
+                    self._reload.clear()
+                    self._next_config_check = time.monotonic() + CONFIG_POLL
+                    self.reload_config(force=forced)
+            except Exception:
+                log.exception("config reload failed")
+            try:
                 self.check_studies()
             except Exception:
                 log.exception("stability check failed")
+
+    # -- hot reload --------------------------------------------------------
+    def reload_config(self, force: bool = False) -> Optional[bool]:
+        """Take a changed config file: rules (and destinations) swap at once, or not at all.
+
+        The file is validated in full (:func:`plugin.config.load_settings`). A file
+        with any mistake is refused, every error is logged and the running rules stay
+        in force; so is a file that changes a section other than ``rules`` and
+        ``destinations`` (those need a restart), so that a change never takes effect
+        half-way. Runs in the stability thread, between two routing passes.
+
+        Parameters
+        ----------
+        force:
+            Re-read even when the file looks unchanged (SIGHUP).
+
+        Returns
+        -------
+        True when new rules were taken, False when the file was refused, None when
+        it had not changed.
+        """
+        path = self.settings.source
+        if not path:
+            return None
+        try:
+            st = os.stat(path)
+            stamp = (st.st_mtime_ns, st.st_size)
+            if not force and stamp == self._config_stamp:
+                return None
+            self._config_stamp = stamp
+            text = Path(path).read_text()
+        except OSError as e:
+            if force:
+                log.error("config %s cannot be read (%s): rules version %s stays in force", path, e,
+                          self.settings.rules_version)
+            return None
+        current = self.settings.rules_version
+        version = rules_version(text)
+        if version == current:
+            if force:
+                log.info("config %s unchanged: rules version %s", path, current)
+            return None
+        if version == self._refused and not force:
+            return False
+        try:
+            new = load_settings(path)
+        except ConfigError as e:
+            self._refused = version
+            log.error("config %s changed (version %s) but has %d error(s): refused; rules version %s stays in "
+                      "force", path, version, len(e.errors), current)
+            for line in e.errors:
+                log.error("  %s", line)
+            return False
+        old = self.settings
+        fixed = [k for k in Settings.model_fields if k not in RELOADABLE and k not in ("source", "rules_version")
+                 and getattr(new, k) != getattr(old, k)]
+        if fixed:
+            self._refused = new.rules_version
+            log.error("config %s changed (version %s) in %s, which needs a restart: refused as a whole; rules "
+                      "version %s stays in force", path, new.rules_version, ", ".join(fixed), current)
+            return False
+        self.settings = old.model_copy(update={"rules": new.rules, "destinations": new.destinations,
+                                               "rules_version": new.rules_version})
+        self._config_text = text if version == new.rules_version else None
+        self._refused = None
+        log.info("config %s reloaded: rules version %s → %s (%d rules: %s)", path, current, new.rules_version,
+                 len(new.rules), ", ".join(r.name for r in new.rules) or "none")
+        if new.destinations != old.destinations:
+            log.info("destinations changed: %s", ", ".join(sorted(new.destinations)) or "none")
+            if self._worker is not None and self._worker.poll() is None:
+                log.info("restarting the embedded worker so that it sends with the new destinations")
+                self._worker_restarting = True
+                self._worker.send_signal(signal.SIGTERM)
+        return True
 
     def _outbox_loop(self) -> None:
         while not self._stop.wait(2.0):
@@ -150,46 +299,71 @@ class Node:
             except Exception:
                 log.exception("outbox flush failed")
 
-    def check_studies(self, now=None) -> list[int]:
-        """Route every study that has been quiet long enough; returns the ids of jobs created."""
-        rules = self.settings.rules
-        min_stable = min((r.stable_after for r in rules), default=3.0)
+    def check_studies(self, now=None, local_now=None) -> list[int]:
+        """Route every study that has been quiet long enough; returns the ids of analysis jobs launched.
+
+        A study is routed once it has been quiet for the shortest ``stable_after``
+        (or 1 s when a rule has ``expected_views``); it is acted on once quiet for
+        the matched rules' ``stable_after``, or at once when every matched rule's
+        expected views are present. ``now`` (UTC) and ``local_now`` (the clock of
+        ``time`` and ``study_age`` conditions) are for tests.
+        """
+        settings = self.settings  # one consistent set of rules for this pass (hot reload swaps it)
+        rules = settings.rules
+        first_look = min_quiet(rules)
         now = now or db.utcnow()
         created: list[tuple[int, int]] = []
-        with db.session_scope(self.settings.database.url) as s:
+        receiving: set[int] = set()
+        with db.session_scope(settings.database.url) as s:
             studies = s.scalars(select(db.Study).where(db.Study.state == db.StudyState.RECEIVING)).all()
             for st in studies:
+                receiving.add(st.id)
                 quiet = (now - st.last_received).total_seconds()
-                if quiet < min_stable:
+                if quiet < first_look:
                     continue
-                key = (st.id, st.n_instances)
+                key = (st.id, st.n_instances, settings.rules_version)
                 decision = self._routes.get(key)
                 if decision is None:
-                    decision = route(rules, study_headers(s, st))
+                    decision = route(rules, study_facts(s, st), now=local_now, rules_version=settings.rules_version)
                     self._routes[key] = decision
-                if quiet < decision.stable_after:
+                if not decision.ready(quiet):
                     continue
-                st.rule = decision.rule
-                st.decision = "\n".join(decision.explanation)
-                if decision.action == "analyse":
-                    st.state = db.StudyState.COMPLETE
-                    job = jobs.create_job(s, st, decision)
-                    created.append((job.id, decision.priority))
-                    log.info("study %s complete (%d instances): rule %s → job %s", st.study_instance_uid,
-                             st.n_instances, decision.rule, job.id)
-                else:
+                st.rule = ", ".join(decision.rules)[:128] or None
+                st.decision = decision.to_json()
+                st.rules_version = decision.rules_version
+                made = []
+                for a in decision.analyses:
+                    job = jobs.create_job(s, st, a, decision.rules_version)
+                    created.append((job.id, a.priority))
+                    made.append(f"analyse job {job.id} ({a.rule})")
+                for a in decision.forwards:
+                    job = jobs.create_forward_job(s, st, a, decision.rules_version)
+                    if job is not None:
+                        made.append(f"forward job {job.id} to {', '.join(a.forward_to)} ({a.rule})")
+                early = " (expected views present)" if decision.early and quiet < decision.stable_after else ""
+                if decision.action == "ignore":
                     st.state = db.StudyState.IGNORED
-                    log.info("study %s complete (%d instances): %s", st.study_instance_uid, st.n_instances,
-                             f"ignored by rule {decision.rule}" if decision.rule else "no rule matched: ignored")
-        with db.session_scope(self.settings.database.url) as s:
+                    log.info("study %s complete (%d instances)%s: %s [rules version %s]", st.study_instance_uid,
+                             st.n_instances, early, f"ignored by rule {decision.rule}" if decision.rule else
+                             "no rule matched: ignored", decision.rules_version)
+                else:
+                    st.state = db.StudyState.COMPLETE
+                    log.info("study %s complete (%d instances)%s: rule %s → %s [rules version %s]",
+                             st.study_instance_uid, st.n_instances, early, ", ".join(decision.rules),
+                             "; ".join(made) or "nothing new to send", decision.rules_version)
+        for key in [k for k in self._routes if k[0] not in receiving]:
+            del self._routes[key]
+        with db.session_scope(settings.database.url) as s:
             stale = now.timestamp() - 15
             for job in s.scalars(select(db.Job).where(db.Job.state == db.JobState.QUEUED,
                                                       db.Job.celery_id.is_(None))).all():
+                if job.kind == db.JobKind.FORWARD:
+                    continue
                 if job.created_at.timestamp() < stale and job.id not in {j for j, _ in created}:
                     created.append((job.id, job.priority))  # its first send failed (broker down): again
         for job_id, prio in created:
             try:
-                jobs.launch(self.settings, job_id, prio)
+                jobs.launch(settings, job_id, prio)
             except Exception as e:  # broker down: the job stays QUEUED; recovery or the next start sends it
                 log.error("job %s: cannot reach the broker (%s); it stays queued", job_id, e)
         return [j for j, _ in created]

@@ -1,5 +1,9 @@
 """The export outbox: one row per (job, destination, object); sent, retried, or dead.
 
+Objects are the results of an analysis job (SR, SC) or, for a forward job, the
+study's original instances as received (``kind`` "original"): both go through the
+same rows, exporters, back-off and dead letters.
+
 Rows are written in the same transaction that records the results, so nothing is
 forgotten by a crash. ``flush`` claims due rows (pushing their ``next_attempt_at``
 forward, so two senders never send the same row at once), sends them grouped by
@@ -24,6 +28,9 @@ log = logging.getLogger("cmr_ai.export")
 
 CLAIM_SECONDS = 300
 MAX_BACKOFF = 300
+BATCH = 64  # instances per association / request (a forwarded study can hold thousands)
+#: Attempts for rows whose destination this process does not know (see ``flush``).
+UNKNOWN_DESTINATION_ATTEMPTS = 8
 
 
 def backoff(attempts: int) -> float:
@@ -59,26 +66,32 @@ def flush(settings: Settings, job_id: Optional[int] = None) -> int:
     for dest_name, rows in by_dest.items():
         dest = settings.destinations.get(dest_name)
         if dest is None:
+            # Not (or no longer) in this process's config: a worker started before the node
+            # reloaded its rules may meet a new destination. Retry, so that the node (or this
+            # process after a restart) sends it; dead after UNKNOWN_DESTINATION_ATTEMPTS.
             for r in rows:
-                outcomes[r[0]] = (False, False, f"destination {dest_name!r} is no longer configured")
+                outcomes[r[0]] = (False, True, f"destination {dest_name!r} is not configured in this process")
             continue
-        try:
-            datasets = [pydicom.dcmread(r[2]) for r in rows]
-            exporter = exporter_for(dest_name, dest, calling_ae=settings.node.ae_title)
-            results = {o.sop_instance_uid: o for o in exporter.send(datasets)}
-            for r in rows:
-                o = results.get(r[3])
-                if o is None:
-                    outcomes[r[0]] = (False, True, "no status returned for this instance")
-                else:
-                    outcomes[r[0]] = (o.ok, o.retryable, o.status)
-        except ExportError as e:
-            for r in rows:
-                outcomes[r[0]] = (False, e.retryable, str(e))
-        except Exception as e:  # unexpected: keep the row, retry later
-            log.exception("export to %s failed", dest_name)
-            for r in rows:
-                outcomes[r[0]] = (False, True, f"{type(e).__name__}: {e}")
+        for start in range(0, len(rows), BATCH):
+            batch = rows[start:start + BATCH]
+            try:
+                datasets = [pydicom.dcmread(r[2]) for r in batch]
+                exporter = exporter_for(dest_name, dest, calling_ae=settings.node.ae_title)
+                results = {o.sop_instance_uid: o for o in exporter.send(datasets)}
+                for r in batch:
+                    o = results.get(r[3])
+                    if o is None:
+                        outcomes[r[0]] = (False, True, "no status returned for this instance")
+                    else:
+                        outcomes[r[0]] = (o.ok, o.retryable, o.status)
+            except ExportError as e:  # the whole send failed: the later batches would fail alike
+                for r in rows[start:]:
+                    outcomes[r[0]] = (False, e.retryable, str(e))
+                break
+            except Exception as e:  # unexpected: keep the row, retry later
+                log.exception("export to %s failed", dest_name)
+                for r in batch:
+                    outcomes[r[0]] = (False, True, f"{type(e).__name__}: {e}")
     jobs: set[int] = set()
     with db.session_scope(settings.database.url) as s:
         for rid, dest_name, _path, sop, attempts, jid in work:
@@ -91,7 +104,8 @@ def flush(settings: Settings, job_id: Optional[int] = None) -> int:
                 sent += 1
                 log.info("export job %s: %s sent to %s", jid, sop, dest_name)
                 continue
-            max_attempts = settings.destinations[dest_name].max_attempts if dest_name in settings.destinations else 1
+            max_attempts = (settings.destinations[dest_name].max_attempts if dest_name in settings.destinations
+                            else UNKNOWN_DESTINATION_ATTEMPTS)
             row.last_error = msg[:2000]
             if retryable and row.attempts < max_attempts:
                 delay = backoff(row.attempts)

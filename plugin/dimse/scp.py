@@ -179,8 +179,10 @@ class StoreSCP:
             else:  # duplicate SOP Instance UID: the new copy replaced the file; keep one row
                 log.warning("duplicate SOPInstanceUID %s received again: stored copy replaced", sop_uid)
                 inst.size, inst.transfer_syntax_uid, inst.received_at = size, ts, now
-            own_output = s.scalar(select(db.Export.id).where(db.Export.sop_instance_uid == sop_uid).limit(1))
-            if own_output is None:  # our own SR/SC coming back must not re-open the study
+            own_output = s.scalar(select(db.Export.id).where(db.Export.sop_instance_uid == sop_uid,
+                                                             db.Export.kind != "original").limit(1))
+            if own_output is None:  # our own SR/SC coming back must not re-open the study (a forwarded
+                # original sent again by the modality is new data and does)
                 study.last_received = now
                 if study.state != db.StudyState.RECEIVING:
                     log.info("study %s received new instances after it was %s: re-opened", study_uid,
