@@ -126,6 +126,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 
+from .masks import components, erode
 from .series import Frame, SeriesInfo, Study
 from .views import LONG_AXIS, View
 
@@ -506,37 +507,6 @@ def _otsu(values: np.ndarray, bins: int = 64) -> float:
     return float(edges[int(np.argmax((w0 * w1 * (mu0 - mu1) ** 2)[:-1])) + 1])
 
 
-def _erode(mask: np.ndarray) -> np.ndarray:
-    m = mask.copy()
-    m[1:, :] &= mask[:-1, :]
-    m[:-1, :] &= mask[1:, :]
-    m[:, 1:] &= mask[:, :-1]
-    m[:, :-1] &= mask[:, 1:]
-    m[0, :] = m[-1, :] = False
-    m[:, 0] = m[:, -1] = False
-    return m
-
-
-def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """4-connected labels (1..n) of a small boolean mask."""
-    labels = np.zeros(mask.shape, dtype=np.int32)
-    h, w = mask.shape
-    n = 0
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if labels[y0, x0]:
-            continue
-        n += 1
-        labels[y0, x0] = n
-        stack = [(y0, x0)]
-        while stack:
-            y, x = stack.pop()
-            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not labels[yy, xx]:
-                    labels[yy, xx] = n
-                    stack.append((yy, xx))
-    return labels, n
-
-
 def _runs(row: np.ndarray) -> list[tuple[int, int]]:
     """(start, end) column pairs of the True runs of a boolean row, end exclusive."""
     d = np.diff(np.concatenate(([0], row.astype(np.int8), [0])))
@@ -685,8 +655,8 @@ def _content_from_pixels(img: np.ndarray, photometric: str, frame: Frame, axis: 
     central = np.abs(g) <= 60.0
     if central.sum() < 8:
         return ContentEvidence(None, "content: field of view too small; no content evidence")
-    eroded = _erode(x > _otsu(x[np.ix_(central, central)].ravel()))
-    labels, k = _components(eroded)
+    eroded = erode(x > _otsu(x[np.ix_(central, central)].ravel()))
+    labels, k = components(eroded)
     uu, vv = np.meshgrid(g, g, indexing="ij")
     flat = labels.ravel()
     count = np.bincount(flat, minlength=k + 1)[1:].astype(float)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -45,6 +44,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
+from .masks import components, dilate, erode
 from worker.bundle import BundleImage, SourceRef
 
 from .classify import Classification, Location, apexward, find_stacks, group_locations, unit
@@ -267,46 +267,6 @@ def _otsu(values: np.ndarray, bins: int = 64) -> float:
     return float(edges[int(np.argmax(between[:-1])) + 1])
 
 
-def _erode(mask: np.ndarray) -> np.ndarray:
-    m = mask.copy()
-    m[1:, :] &= mask[:-1, :]
-    m[:-1, :] &= mask[1:, :]
-    m[:, 1:] &= mask[:, :-1]
-    m[:, :-1] &= mask[:, 1:]
-    m[0, :] = m[-1, :] = False
-    m[:, 0] = m[:, -1] = False
-    return m
-
-
-def _dilate(mask: np.ndarray) -> np.ndarray:
-    m = mask.copy()
-    m[1:, :] |= mask[:-1, :]
-    m[:-1, :] |= mask[1:, :]
-    m[:, 1:] |= mask[:, :-1]
-    m[:, :-1] |= mask[:, 1:]
-    return m
-
-
-def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """4-connected labels (1..n) of a small boolean mask."""
-    labels = np.zeros(mask.shape, dtype=np.int32)
-    h, w = mask.shape
-    n = 0
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if labels[y0, x0]:
-            continue
-        n += 1
-        labels[y0, x0] = n
-        q = deque([(y0, x0)])
-        while q:
-            y, x = q.popleft()
-            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not labels[yy, xx]:
-                    labels[yy, xx] = n
-                    q.append((yy, xx))
-    return labels, n
-
-
 @dataclass(frozen=True)
 class Pool:
     area: float  # pixels of the original image
@@ -339,7 +299,7 @@ def blood_pool(img: np.ndarray, hint: Optional[tuple[float, float]] = None) -> O
     h, w = x.shape
     roi = x[h // 4: 3 * h // 4, w // 4: 3 * w // 4]
     mask = x > _otsu(roi.ravel())
-    labels, n = _components(_erode(mask))
+    labels, n = components(erode(mask))
     if n == 0:
         return None
     idx = np.arange(1, n + 1)
@@ -377,7 +337,7 @@ def blood_pool(img: np.ndarray, hint: Optional[tuple[float, float]] = None) -> O
         if score.max() <= 0:
             return None
         chosen = int(idx[np.argmax(score)])
-    region = _dilate(labels == chosen) & mask
+    region = dilate(labels == chosen) & mask
     ys, xs = np.nonzero(region)
     return Pool(float(len(ys)) * f * f, (float(ys.mean() + 0.5) * f - 0.5, float(xs.mean() + 0.5) * f - 0.5))
 
