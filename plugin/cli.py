@@ -1,4 +1,4 @@
-"""``cmr-ai`` command line: serve | worker | phantom | demo | inspect | rules check|explain|test."""
+"""``cmr-ai`` command line: serve | worker | phantom | demo | inspect | rules check|explain|test | audit export."""
 from __future__ import annotations
 
 import argparse
@@ -283,6 +283,27 @@ def cmd_rules_test(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_audit_export(args) -> int:
+    """Write the audit rows since a day to OUT (.jsonl, or .parquet with pyarrow)."""
+    from datetime import date
+
+    from plugin.audit import AuditExportError, export_audit
+
+    try:
+        since = date.fromisoformat(args.since)
+    except ValueError:
+        print(f"Argument '--since' must be a date YYYY-MM-DD, got {args.since!r}", file=sys.stderr)
+        return 2
+    settings = _load(args.config)
+    try:
+        n = export_audit(settings.database.url, since, args.out)
+    except AuditExportError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(f"{n} audit rows since {since.isoformat()} written to {args.out}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="cmr-ai", description="AI drafts for cardiac MRI, as a DICOM node.")
@@ -333,6 +354,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     rp.add_argument("cases", help="YAML list of {study: DIR, expect: RULE | [RULES] | ignore} "
                                   "(optional calling_ae, source_ip, at); folders relative to this file")
     rp.set_defaults(fn=cmd_rules_test)
+
+    sp = sub.add_parser("audit", help="the inference audit table")
+    asub = sp.add_subparsers(dest="audit_cmd", required=True)
+    ap = asub.add_parser("export", help="write audit rows since a day: OUT.jsonl, or OUT.parquet (needs pyarrow)")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--since", required=True, help="first day (UTC) to export, YYYY-MM-DD")
+    ap.add_argument("out", help="output file: *.jsonl or *.parquet")
+    ap.set_defaults(fn=cmd_audit_export)
 
     if argv and argv[0] == "phantom":
         return cmd_phantom(None, argv[1:])

@@ -1,4 +1,4 @@
-"""State: studies, series, instances, jobs and the export outbox (SQLAlchemy 2.x).
+"""State: studies, series, instances, jobs, the export outbox and the inference audit (SQLAlchemy 2.x).
 
 The database is the source of truth; the broker is transport. One engine per
 process (``get_engine``), disposed after fork; one session per unit of work
@@ -8,12 +8,13 @@ the embedded worker can share it.
 from __future__ import annotations
 
 import enum
+import json
 import os
 import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from sqlalchemy import (BigInteger, DateTime, Enum, ForeignKey, Integer, String, Text, UniqueConstraint,
                         create_engine, event)
@@ -153,6 +154,66 @@ class Export(Base):
     last_error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
     sent_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)
     job: Mapped[Job] = relationship(back_populates="exports")
+
+
+class Audit(Base):
+    """What one inference saw and said, for audit and drift review (one row per job).
+
+    The JSON columns come from ``InferenceResult.audit`` (built on the GPU worker by
+    ``worker.model.engine.run_bundle``) and are written by the node's ``report`` task in
+    the same transaction as the job's result: prompts, SHA-256 of each PNG shown to the
+    model, per finding and option the log-likelihood and probability, the outputs and
+    timings. ``cmr-ai audit export`` writes them out.
+    """
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    model: Mapped[str] = mapped_column(String(128))
+    model_fingerprint: Mapped[str] = mapped_column(String(64))  # the model version of the result
+    device: Mapped[str] = mapped_column(String(32), default="")
+    quantization: Mapped[str] = mapped_column(String(16), default="")
+    template: Mapped[str] = mapped_column(String(128), default="")
+    prompts: Mapped[str] = mapped_column(Text, default="{}")  # JSON
+    image_hashes: Mapped[str] = mapped_column(Text, default="{}")  # JSON: image key -> sha256 of the PNG
+    option_scores: Mapped[str] = mapped_column(Text, default="{}")  # JSON: finding -> option -> scores
+    outputs: Mapped[str] = mapped_column(Text, default="{}")  # JSON: answers, impression
+    timings: Mapped[str] = mapped_column(Text, default="{}")  # JSON: seconds per finding, impression, total
+
+    #: The JSON columns, in export order.
+    JSON_COLUMNS = ("prompts", "image_hashes", "option_scores", "outputs", "timings")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row with its JSON columns decoded (``created_at`` as ISO 8601, UTC)."""
+        out: dict[str, Any] = {
+            "id": self.id, "job_id": self.job_id, "created_at": self.created_at.isoformat(),
+            "model": self.model, "model_fingerprint": self.model_fingerprint, "device": self.device,
+            "quantization": self.quantization, "template": self.template,
+        }
+        for col in self.JSON_COLUMNS:
+            out[col] = json.loads(getattr(self, col) or "{}")
+        return out
+
+
+def record_audit(session: Session, job_id: int, *, model: str, model_fingerprint: str, device: str,
+                 quantization: str, audit: dict[str, Any]) -> Audit:
+    """Add (or, for a retried report, replace) the audit row of ``job_id`` in ``session``.
+
+    ``audit`` is ``InferenceResult.audit``; missing parts are stored as ``{}``. The caller
+    commits, so the row lands in the same transaction as the job's result.
+    """
+    row = session.query(Audit).filter_by(job_id=job_id).one_or_none()
+    if row is None:
+        row = Audit(job_id=job_id)
+        session.add(row)
+    row.created_at = utcnow()
+    row.model, row.model_fingerprint = model, model_fingerprint
+    row.device, row.quantization = device, quantization
+    row.template = str(audit.get("template", ""))
+    for col in Audit.JSON_COLUMNS:
+        setattr(row, col, json.dumps(audit.get(col, {}), sort_keys=True))
+    return row
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ in what we wrote; the non-cardiac studies produce nothing.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -168,6 +169,11 @@ def test_cardiac_studies_in_ai_draft_out_non_cardiac_ignored(node, orthanc, tmp_
             assert {e.destination for e in j.exports} == {cardiac[j.study.study_instance_uid]}
             assert all(e.state == db.ExportState.SENT for e in j.exports)
             assert j.model_fingerprint
+            audit = s.scalars(select(db.Audit).where(db.Audit.job_id == j.id)).one()
+            assert audit.model_fingerprint == j.model_fingerprint and audit.template == "cmr_standard"
+            found = {f["id"] for f in json.loads(j.result_json)["findings"]}
+            assert set(audit.as_dict()["option_scores"]) == found
+            assert audit.as_dict()["image_hashes"] and audit.as_dict()["prompts"]
         states = {st.study_instance_uid: st.state for st in s.scalars(select(db.Study)).all()}
         ignored = [u for u, st in states.items() if u not in cardiac]
         assert len(ignored) == 2 and all(states[u] == db.StudyState.IGNORED for u in ignored)

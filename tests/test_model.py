@@ -27,6 +27,7 @@ from worker.model.engine import (
     clear_engines,
     fingerprint,
     get_engine,
+    model_version,
     run_bundle,
     tile,
 )
@@ -370,7 +371,7 @@ def test_run_bundle(engine_nf4):
     result = run_bundle(engine_nf4, bundle, "demo-model")
     assert isinstance(result, InferenceResult)
     assert result.job_id == 7 and result.model == "demo-model"
-    assert result.model_fingerprint == engine_nf4.fingerprint
+    assert result.model_fingerprint == model_version(engine_nf4.fingerprint, "cmr_basic", "")
     assert result.quantization == "nf4" and result.device == "cpu"
     assert result.seconds > 0
     assert [f.id for f in result.findings] == [q.id for q in bundle.questions]

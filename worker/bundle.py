@@ -69,6 +69,7 @@ class AnalysisBundle(BaseModel):
     study_instance_uid: str
     model: str  # the model name from the config (`models:` key)
     template: str  # template name
+    template_hash: str = ""  # SHA-256 of the template file (set by prepare; "" in old messages)
     questions: list[Question]
     images: list[BundleImage]
     impression: bool = True  # generate a free-text impression
@@ -90,9 +91,13 @@ class FindingResult(BaseModel):
 class InferenceResult(BaseModel):
     job_id: int
     model: str
-    model_fingerprint: str
+    model_fingerprint: str  # the model version: weights + adapter + quantisation + template (engine.model_version)
     device: str
     quantization: str
     findings: list[FindingResult]
     impression: str = ""
     seconds: float = 0.0
+    #: What the audit table keeps of this run (prompts, image hashes, option scores,
+    #: outputs, timings; see :func:`worker.model.engine.run_bundle`). Built by the GPU
+    #: worker, written to the database by the node's ``report`` task.
+    audit: dict = Field(default_factory=dict)

@@ -30,6 +30,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: never dow
 __all__ = [
     "DEMO_MODEL_DIR",
     "DEMO_MODEL_NAME",
+    "build_demo_adapter",
     "build_demo_model",
     "demo_model_dir",
     "is_complete_model_dir",
@@ -333,6 +334,50 @@ def build_demo_model(out_dir: Path | str | None = None, seed: int = 0) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def build_demo_adapter(model_dir: Path | str, out_dir: Path | str, seed: int = 0, rank: int = 4) -> Path:
+    """Write a tiny random LoRA adapter for the demo model (tests, the adapter code path).
+
+    A peft ``LoraConfig`` on the *language model's* ``q_proj`` / ``v_proj`` (the CLIP
+    vision tower has layers of the same names, left alone), with random A **and** B
+    matrices (``init_lora_weights=False``) so the adapter really changes the scores,
+    saved with ``save_pretrained`` (``adapter_config.json``, ``adapter_model.safetensors``).
+
+    Parameters
+    ----------
+    model_dir:
+        The base model, e.g. from :func:`build_demo_model`.
+    out_dir:
+        Where the adapter goes (created).
+    seed:
+        Seed of the random LoRA weights: another seed gives another adapter.
+    rank:
+        LoRA rank ``r``.
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    out_dir = Path(out_dir).expanduser()
+    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=r".*language_model.*\.(q_proj|v_proj)",
+        init_lora_weights=False,
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out_dir))
     return out_dir
 
 

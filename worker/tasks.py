@@ -6,6 +6,7 @@ Every task is idempotent and named explicitly.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -59,6 +60,21 @@ def results_dir(settings, study_uid: str) -> Path:
     return var_dir(settings) / "results" / study_uid
 
 
+def template_hash(template) -> str:
+    """SHA-256 of the template's YAML file, part of the model version; "" when it has no file."""
+    if not getattr(template, "source", None):
+        return ""
+    return hashlib.sha256(Path(template.source).read_bytes()).hexdigest()
+
+
+def record_result(s, job_row, result: InferenceResult) -> None:
+    """Store the inference result and its audit row on ``job_row`` in session ``s`` (one transaction)."""
+    job_row.result_json = result.model_dump_json(exclude={"audit"})
+    job_row.model_fingerprint = result.model_fingerprint
+    db.record_audit(s, job_row.id, model=result.model, model_fingerprint=result.model_fingerprint,
+                    device=result.device, quantization=result.quantization, audit=result.audit)
+
+
 @app.task(name="cmr_ai.prepare", bind=True)
 def prepare(self, job_id: int) -> dict:
     """Classify the study's series, pick phases and slices, render the analysis bundle."""
@@ -84,7 +100,8 @@ def prepare(self, job_id: int) -> dict:
             jobs.fail(settings, job_id, f"prepare: {e}")
             raise Ignore()
         bundle = AnalysisBundle(job_id=job_id, study_instance_uid=study_uid, model=job.model,
-                                template=job.template, questions=template.questions(), images=images,
+                                template=job.template, template_hash=template_hash(template),
+                                questions=template.questions(), images=images,
                                 impression=template.impression, limitations=limitations)
         data = bundle.model_dump(mode="json")
         write_atomic(bundle_path(settings, job_id), json.dumps(data).encode())
@@ -104,7 +121,7 @@ def infer(self, bundle_data: dict) -> dict:
         from worker.model.engine import get_engine, run_bundle
 
         mc = settings.models[bundle.model]
-        engine = get_engine(resolve_model_path(mc.path), quantization=mc.quantization)
+        engine = get_engine(resolve_model_path(mc.path), quantization=mc.quantization, adapter=mc.adapter)
         result = run_bundle(engine, bundle, bundle.model)
     except SoftTimeLimitExceeded:
         return {"job_id": bundle.job_id, "error": "infer: time limit exceeded"}
@@ -163,8 +180,7 @@ def report(self, result_data: dict) -> None:
                 for kind, uid, path in written:
                     if (dest, uid) not in existing:
                         s.add(db.Export(job_id=job_id, destination=dest, sop_instance_uid=uid, path=path, kind=kind))
-            job_row.result_json = result.model_dump_json()
-            job_row.model_fingerprint = result.model_fingerprint
+            record_result(s, job_row, result)
             job_row.state = db.JobState.EXPORTING
     log.info("report: job %s: %s", job_id, ", ".join(f"{k} {p}" for k, _, p in written))
     outbox.flush(settings, job_id)

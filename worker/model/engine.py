@@ -57,6 +57,8 @@ __all__ = [
     "clear_engines",
     "fingerprint",
     "get_engine",
+    "model_version",
+    "option_probabilities",
     "run_bundle",
     "tile",
 ]
@@ -91,6 +93,7 @@ _PROCESSOR_FILES = (
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a peft adapter
 
 
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -202,19 +205,49 @@ def _model_files(path: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.name)
 
 
-def fingerprint(path: Path | str, quantization: Quantization | str) -> str:
+def _adapter_files(adapter: Path) -> list[Path]:
+    files = [
+        p
+        for p in adapter.iterdir()
+        if p.is_file() and (p.name == _ADAPTER_CONFIG or p.name.endswith(_WEIGHT_SUFFIXES))
+    ]
+    return sorted(files, key=lambda p: p.name)
+
+
+def fingerprint(
+    path: Path | str, quantization: Quantization | str, adapter: Path | str | None = None
+) -> str:
     """A short id of a model version as loaded: 16 hex digits of a SHA-256.
 
     Covers the weight files, ``config.json`` / ``generation_config.json``, the processor
-    and tokenizer files (names and contents) and the quantisation setting, so the same
-    checkpoint loaded as nf4 and unquantised gives two fingerprints. File digests are
-    memoised per (path, size, mtime) so reloading a 14 GB checkpoint does not re-read it.
+    and tokenizer files (names and contents), the quantisation setting and, with
+    ``adapter``, the LoRA adapter's ``adapter_config.json`` and weight files, so the same
+    checkpoint loaded as nf4 and unquantised, or with another adapter, gives another
+    fingerprint. Without an adapter the value is what it was before adapters existed.
+    File digests are memoised per (path, size, mtime) so reloading a 14 GB checkpoint
+    does not re-read it.
     """
     path = Path(path)
     h = hashlib.sha256()
     for f in _model_files(path):
         h.update(f.name.encode() + b"\0" + _file_sha256(f).encode() + b"\n")
     h.update(b"quantization=" + Quantization.parse(quantization).value.encode())
+    if adapter is not None:
+        h.update(b"\nadapter:\n")
+        for f in _adapter_files(Path(adapter)):
+            h.update(f.name.encode() + b"\0" + _file_sha256(f).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def model_version(model_fingerprint: str, template: str, template_hash: str) -> str:
+    """The version reported for a result: 16 hex digits of SHA-256(model fingerprint, template).
+
+    ``template`` is the template name and ``template_hash`` the SHA-256 of its YAML file
+    (``AnalysisBundle.template_hash``, set by ``prepare``), so editing a question's
+    wording gives the SR another algorithm version and device UID, like new weights do.
+    """
+    h = hashlib.sha256()
+    h.update(f"model={model_fingerprint}\ntemplate={template}\ntemplate_sha256={template_hash}".encode())
     return h.hexdigest()[:16]
 
 
@@ -308,6 +341,7 @@ class Engine:
     device: str  # "cpu" or "cuda:N"
     compute_dtype: torch.dtype
     fingerprint: str
+    adapter: Optional[Path] = None  # the LoRA adapter directory, when one is loaded
     load_seconds: float = 0.0
     normalization: str = "mean"  # how score_options normalises, see there
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -322,6 +356,7 @@ class Engine:
         quantization: Quantization | str = "nf4",
         device: str = "auto",
         compute_dtype: str | None = None,
+        adapter: Path | str | None = None,
     ) -> "Engine":
         """Load a Hugging Face image-text-to-text checkpoint from a local directory.
 
@@ -337,6 +372,11 @@ class Engine:
         compute_dtype:
             ``"bfloat16"``, ``"float16"`` or ``"float32"``; default bf16/fp16 on CUDA,
             float32 on the CPU.
+        adapter:
+            Optional local directory of a peft LoRA adapter (``adapter_config.json`` plus
+            ``adapter_model.safetensors``, as ``save_pretrained`` writes it) trained on this
+            base model; injected unmerged (``PreTrainedModel.load_adapter``), so it works
+            on top of the nf4 / int8 layers too.
 
         Returns
         -------
@@ -348,7 +388,8 @@ class Engine:
         ModelLoadError
             When the directory does not exist, holds no model (no ``config.json``, no
             weights), lacks processor or tokenizer files, or the processor and the model
-            disagree on the number of image tokens.
+            disagree on the number of image tokens; when ``adapter`` is not a directory
+            holding ``adapter_config.json`` or does not fit the model.
         ValueError
             For a bad ``quantization``, ``device`` or ``compute_dtype`` argument.
         """
@@ -358,9 +399,12 @@ class Engine:
         dev = _resolve_device(device)
         dtype = _resolve_dtype(compute_dtype, dev)
         path = _check_model_dir(path)
+        adapter_dir = _check_adapter_dir(adapter) if adapter is not None else None
 
         processor = _load_processor(path)
         model = _load_model(path, quant, dev, dtype)
+        if adapter_dir is not None:
+            _load_adapter(model, adapter_dir)
         model.eval()
         _check_image_tokens(path, model, processor)
 
@@ -371,14 +415,16 @@ class Engine:
             quantization=quant,
             device=dev,
             compute_dtype=dtype,
-            fingerprint=fingerprint(path, quant),
+            fingerprint=fingerprint(path, quant, adapter_dir),
+            adapter=adapter_dir,
         )
         if quant is Quantization.NF4:
             engine._check_quantized_layout()
         engine.load_seconds = time.perf_counter() - t0
         log.info(
-            "loaded model %s (%s, %s, compute %s) fingerprint %s in %.1f s",
-            path, quant.value, dev, str(dtype).removeprefix("torch."), engine.fingerprint, engine.load_seconds,
+            "loaded model %s%s (%s, %s, compute %s) fingerprint %s in %.1f s",
+            path, f" + adapter {adapter_dir}" if adapter_dir else "", quant.value, dev,
+            str(dtype).removeprefix("torch."), engine.fingerprint, engine.load_seconds,
         )
         return engine
 
@@ -585,9 +631,7 @@ class Engine:
         norm = normalization or self.normalization
         if norm not in ("mean", "sum"):
             raise ValueError(f"Argument 'normalization' must be 'mean' or 'sum', got {norm!r}")
-        scored = self.option_logprobs(images, question, option_texts)
-        scores = torch.tensor([s / n if norm == "mean" else s for s, n in scored], dtype=torch.float64)
-        return [float(p) for p in torch.softmax(scores, dim=0)]
+        return option_probabilities(self.option_logprobs(images, question, option_texts), norm)
 
     # ------------------------------------------------------------------ generation
 
@@ -695,6 +739,36 @@ def _load_model(path: Path, quant: Quantization, device: str, dtype: torch.dtype
         raise ModelLoadError(path, f"weights failed to load ({quant.value} on {device}): {exc}") from exc
 
 
+def _check_adapter_dir(adapter: Path | str) -> Path:
+    raw = adapter
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(raw, "adapter directory does not exist (adapters load from a local directory only)")
+    if not (path / _ADAPTER_CONFIG).is_file():
+        raise ModelLoadError(raw, f"no {_ADAPTER_CONFIG}: not a peft adapter directory")
+    if not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in path.iterdir()):
+        raise ModelLoadError(raw, "adapter has no weight files (adapter_model.safetensors or .bin)")
+    return path.resolve()
+
+
+def _load_adapter(model: Any, adapter: Path) -> None:
+    """Inject the LoRA adapter into ``model`` in place (unmerged: it also works on 4-bit layers)."""
+    # A local directory and HF_HUB_OFFLINE=1: nothing is downloaded. (transformers 5.23's
+    # load_adapter passes local_files_only on to LoadStateDictConfig, which rejects it.)
+    try:
+        info = model.load_adapter(str(adapter))
+    except Exception as exc:
+        raise ModelLoadError(adapter, f"adapter failed to load: {type(exc).__name__}: {exc}") from exc
+    missing = [k for k in getattr(info, "missing_keys", None) or () if "lora_" in k]
+    bad = list(getattr(info, "unexpected_keys", None) or ()) + list(getattr(info, "mismatched_keys", None) or ())
+    if missing or bad:
+        raise ModelLoadError(
+            adapter, f"adapter does not fit the model: missing {missing[:3]}, unexpected/mismatched {bad[:3]}"
+        )
+    if not any("lora_" in name for name, _ in model.named_modules()):
+        raise ModelLoadError(adapter, "adapter loaded but injected no LoRA layer: target_modules match nothing")
+
+
 def _check_image_tokens(path: Path, model: Any, processor: Any) -> None:
     """Fail at load, not at the first study, when ``<image>`` expands to the wrong length."""
     cfg = model.config
@@ -735,20 +809,25 @@ def get_engine(
     *,
     device: str = "auto",
     compute_dtype: str | None = None,
+    adapter: Path | str | None = None,
 ) -> Engine:
     """The process-wide engine for a model, loaded on first use.
 
     ``path`` is a model directory or ``"demo"`` (see
-    :func:`worker.demo_model.resolve_model_path`).
+    :func:`worker.demo_model.resolve_model_path`); ``adapter`` an optional LoRA adapter
+    directory. One engine per (model, quantisation, adapter, device, dtype).
     """
     from worker.demo_model import resolve_model_path
 
     resolved = resolve_model_path(str(path)).resolve()
-    key = (str(resolved), Quantization.parse(quantization), device, compute_dtype)
+    adapter_key = str(Path(adapter).expanduser().resolve()) if adapter else None
+    key = (str(resolved), Quantization.parse(quantization), adapter_key, device, compute_dtype)
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = Engine.load(resolved, quantization=key[1], device=device, compute_dtype=compute_dtype)
+            engine = Engine.load(
+                resolved, quantization=key[1], device=device, compute_dtype=compute_dtype, adapter=adapter_key
+            )
             _engines[key] = engine
         return engine
 
@@ -762,6 +841,17 @@ def clear_engines() -> None:
 
 
 # --------------------------------------------------------------------------- the bundle
+
+
+def option_probabilities(scored: Sequence[tuple[float, int]], normalization: str = "mean") -> list[float]:
+    """Softmax over the options of :meth:`Engine.option_logprobs` output ((sum, token count) each).
+
+    ``"mean"`` divides each sum by its token count first; ``"sum"`` uses the sums.
+    """
+    if normalization not in ("mean", "sum"):
+        raise ValueError(f"Argument 'normalization' must be 'mean' or 'sum', got {normalization!r}")
+    scores = torch.tensor([s / n if normalization == "mean" else s for s, n in scored], dtype=torch.float64)
+    return [float(p) for p in torch.softmax(scores, dim=0)]
 
 
 def impression_prompt(bundle: AnalysisBundle, answers: dict[str, str]) -> str:
@@ -783,6 +873,13 @@ def run_bundle(engine: Engine, bundle: AnalysisBundle, model_name: str | None = 
     with the highest probability. With ``bundle.impression`` a short impression is then
     generated from all images and a summary of the answers.
 
+    ``model_fingerprint`` of the result is :func:`model_version` (the engine's
+    fingerprint combined with the template name and file hash). ``audit`` holds, for
+    the node's audit table: the chat prompts (per finding id, and ``"impression"``), the
+    SHA-256 of every bundle PNG shown to the model, per finding and option the option
+    text, the summed log-likelihood, its token count and the probability, the outputs
+    (answer option ids, impression) and timings in seconds.
+
     Parameters
     ----------
     engine:
@@ -801,16 +898,29 @@ def run_bundle(engine: Engine, bundle: AnalysisBundle, model_name: str | None = 
     pil = {im.key: im.to_pil() for im in bundle.images}
     findings: list[FindingResult] = []
     answers: dict[str, str] = {}
+    prompts: dict[str, str] = {}
+    option_scores: dict[str, dict[str, dict[str, Any]]] = {}
+    timings: dict[str, float] = {}
+    used: set[str] = set()
     for q in bundle.questions:
         if not q.options or len(q.options) != len(q.option_texts):
             raise ValueError(
                 f"Question {q.id!r}: {len(q.options)} options but {len(q.option_texts)} option_texts"
             )
+        tq = time.perf_counter()
         chosen = bundle.images_for(q.views)
+        used.update(im.key for im in chosen)
         images = [tile([pil[im.key] for im in chosen], labels=[im.label for im in chosen])] if chosen else []
-        probs = engine.score_options(images, q.text, q.option_texts)
+        scored = engine.option_logprobs(images, q.text, q.option_texts)
+        probs = option_probabilities(scored, engine.normalization)
         best = max(range(len(probs)), key=probs.__getitem__)
         answers[q.id] = q.option_texts[best]
+        prompts[q.id] = engine.chat_prompt(engine.option_instruction(q.text, q.option_texts), len(images))
+        option_scores[q.id] = {
+            opt: {"text": text, "logprob": lp, "tokens": n, "probability": p}
+            for opt, text, (lp, n), p in zip(q.options, q.option_texts, scored, probs)
+        }
+        timings[q.id] = time.perf_counter() - tq
         findings.append(
             FindingResult(
                 id=q.id,
@@ -821,17 +931,46 @@ def run_bundle(engine: Engine, bundle: AnalysisBundle, model_name: str | None = 
         )
     impression = ""
     if bundle.impression:
+        ti = time.perf_counter()
         images = []
         if bundle.images:
+            used.update(im.key for im in bundle.images)
             images = [tile([pil[im.key] for im in bundle.images], labels=[im.label for im in bundle.images])]
-        impression = engine.generate(images, impression_prompt(bundle, answers))
+        text = impression_prompt(bundle, answers)
+        prompts["impression"] = engine.chat_prompt(text, len(images))
+        impression = engine.generate(images, text)
+        timings["impression"] = time.perf_counter() - ti
+    seconds = time.perf_counter() - t0
+    timings["total"] = seconds
+    version = model_version(engine.fingerprint, bundle.template, bundle.template_hash)
+    audit = {
+        "model_version": version,
+        "engine_fingerprint": engine.fingerprint,
+        "adapter": str(engine.adapter) if engine.adapter else None,
+        "template": bundle.template,
+        "template_hash": bundle.template_hash,
+        "normalization": engine.normalization,
+        "prompts": prompts,
+        "image_hashes": {im.key: _png_sha256(im.png_b64) for im in bundle.images if im.key in used},
+        "option_scores": option_scores,
+        "outputs": {"answers": {f.id: f.answer for f in findings}, "impression": impression},
+        "timings": timings,
+    }
     return InferenceResult(
         job_id=bundle.job_id,
         model=model_name or bundle.model,
-        model_fingerprint=engine.fingerprint,
+        model_fingerprint=version,
         device=engine.device,
         quantization=engine.quantization.value,
         findings=findings,
         impression=impression,
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
+        audit=audit,
     )
+
+
+def _png_sha256(png_b64: str) -> str:
+    """SHA-256 of the PNG bytes the model was shown (not of their base64 text)."""
+    import base64
+
+    return hashlib.sha256(base64.b64decode(png_b64)).hexdigest()
