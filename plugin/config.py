@@ -193,6 +193,11 @@ class Rule(_Strict):
         return self
 
 
+class SafetyConfig(_Strict):
+    probe: bool = True  # score each question once more on a blank image: flags image-blind models
+    critical_hook: Optional[str] = None  # shell command run for critical findings (see worker/safety.py)
+
+
 class Settings(_Strict):
     node: NodeConfig = Field(default_factory=NodeConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -202,6 +207,7 @@ class Settings(_Strict):
     destinations: dict[str, Destination] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
     templates_dir: Optional[str] = None
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
 
     # Where the file was loaded from, and the version of its content (not YAML keys).
     source: Optional[str] = Field(None, exclude=True)

@@ -123,12 +123,19 @@ def infer(self, bundle_data: dict) -> dict:
         mc = settings.models[bundle.model]
         engine = get_engine(resolve_model_path(mc.path), quantization=mc.quantization, adapter=mc.adapter)
         result = run_bundle(engine, bundle, bundle.model)
+        from plugin.reports.template import load_template
+        from worker.safety import apply_safety
+
+        template = load_template(bundle.template, settings.templates_dir)
+        result, safety = apply_safety(engine, bundle, result, template, probe=settings.safety.probe)
     except SoftTimeLimitExceeded:
         return {"job_id": bundle.job_id, "error": "infer: time limit exceeded"}
     except Exception as e:  # a model that cannot load or run: fail the job with the reason
         log.exception("infer: job %s failed", bundle.job_id)
         return {"job_id": bundle.job_id, "error": f"infer: {type(e).__name__}: {e}"}
-    return result.model_dump(mode="json")
+    data = result.model_dump(mode="json")
+    data["safety"] = safety.model_dump(mode="json")  # read back by report (InferenceResult ignores it)
+    return data
 
 
 @app.task(name="cmr_ai.report", bind=True)
@@ -151,7 +158,10 @@ def report(self, result_data: dict) -> None:
     if job is None:
         raise Ignore()
     with job_stage(self, settings, job_id, "report"):
+        from worker.safety import SafetyReport, notify_critical
+
         result = InferenceResult.model_validate(result_data)
+        safety = SafetyReport.model_validate(result_data["safety"]) if result_data.get("safety") else None
         bundle = AnalysisBundle.model_validate_json(bundle_path(settings, job_id).read_text())
         template = load_template(job.template, settings.templates_dir)
         uids = {im.source.sop_instance_uid for im in bundle.images}
@@ -164,8 +174,10 @@ def report(self, result_data: dict) -> None:
             jobs.fail(settings, job_id, f"report: source instances no longer in the store: {sorted(missing)[:3]}")
             raise Ignore()
         lim = list(bundle.limitations)
-        objects = [("sr", build_measurement_report(template, result, bundle.images, sources, limitations=lim)),
-                   ("text-sr", build_narrative_report(template, result, bundle.images, sources, limitations=lim)),
+        objects = [("sr", build_measurement_report(template, result, bundle.images, sources, limitations=lim,
+                                                   safety=safety)),
+                   ("text-sr", build_narrative_report(template, result, bundle.images, sources, limitations=lim,
+                                                      safety=safety)),
                    ("sc", build_secondary_capture(template, result, bundle.images, sources))]
         out = results_dir(settings, bundle.study_instance_uid)
         written = []
@@ -183,5 +195,9 @@ def report(self, result_data: dict) -> None:
             record_result(s, job_row, result)
             job_row.state = db.JobState.EXPORTING
     log.info("report: job %s: %s", job_id, ", ".join(f"{k} {p}" for k, _, p in written))
+    if safety is not None and safety.criticals:
+        log.warning("job %s: critical findings need urgent review: %s", job_id,
+                    ", ".join(f"{f}={o}" for f, o in safety.criticals))
+        notify_critical(safety.criticals, job_id, settings.safety.critical_hook)
     outbox.flush(settings, job_id)
     outbox.settle_job(settings, job_id)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -45,6 +45,9 @@ from pydicom.uid import generate_uid
 
 from plugin.reports.template import Finding, Option, Template
 from worker.bundle import BundleImage, InferenceResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from worker.safety import SafetyReport
 
 __all__ = [
     "Answer", "DRAFT_NOTICE", "answers", "build_measurement_report", "build_narrative_report",
@@ -211,6 +214,30 @@ def _limitations(template: Template, ans: Sequence[Answer], extra: Sequence[str]
     return out
 
 
+def _safety_lines(template: Template, ans: Sequence[Answer],
+                  safety: "Optional[SafetyReport]") -> list[str]:
+    """Report-level lines of the safety pass (:mod:`worker.safety`): one
+    ``CRITICAL — urgent review: …`` line for the critical answers it found that the
+    template-based line does not already name, then one ``AI SAFETY FLAG: …`` per flag."""
+    if safety is None:
+        return []
+    out: list[str] = []
+    marked = {(a.finding.id, a.option.id) for a in ans if a.critical}
+    extra = []
+    for fid, oid in safety.criticals:
+        if (fid, oid) in marked:
+            continue
+        try:
+            finding = template.finding(fid)
+            extra.append(f"{finding.topic}: {finding.option(oid).text}")
+        except KeyError:
+            extra.append(f"{fid}: {oid}")
+    if extra:
+        out.append("CRITICAL — urgent review: " + "; ".join(extra))
+    out.extend(safety.messages())
+    return [dicom_text(t) for t in out]
+
+
 def _observation_context(result: InferenceResult, manufacturer: str, algorithm_name: str,
                          algorithm_version: str) -> ObservationContext:
     device = DeviceObserverIdentifyingAttributes(
@@ -298,6 +325,7 @@ def build_measurement_report(
     limitations: Sequence[str] = (),
     institution_name: Optional[str] = None,
     region: str = "rectangle",
+    safety: "Optional[SafetyReport]" = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 Comprehensive SR of an AI draft.
 
@@ -323,6 +351,11 @@ def build_measurement_report(
     region:
         ``"rectangle"`` (closed 5-point POLYLINE, inset from the image border; OHIF shows a
         rectangle) or ``"point"`` (image centre; OHIF shows a probe).
+    safety:
+        The :class:`worker.safety.SafetyReport` of the result: each flag becomes a
+        report-level ``AI SAFETY FLAG: …`` Comment, critical answers a
+        ``CRITICAL — urgent review: …`` Comment (``result.impression`` is expected to be
+        the cleaned one already).
 
     Returns
     -------
@@ -386,7 +419,9 @@ def build_measurement_report(
     if critical:
         texts.append(TextContentItem(
             name=codes.DCM.Comment, relationship_type=_CONT,
-            value="Flagged for urgent review: " + "; ".join(a.line for a in critical)))
+            value="CRITICAL — urgent review: " + "; ".join(a.line for a in critical)))
+    for line in _safety_lines(template, ans, safety):
+        texts.append(TextContentItem(name=codes.DCM.Comment, value=line, relationship_type=_CONT))
     if template.impression and result.impression.strip():
         texts.append(TextContentItem(name=codes.DCM.Impression, relationship_type=_CONT,
                                      value=f"AI DRAFT impression: {dicom_text(result.impression)}"))
@@ -439,13 +474,15 @@ def build_narrative_report(
     algorithm_version: Optional[str] = None,
     limitations: Sequence[str] = (),
     institution_name: Optional[str] = None,
+    safety: "Optional[SafetyReport]" = None,
 ) -> hd.sr.EnhancedSR:
     """Build a short text-only Enhanced SR of the same draft (SEPARATE continuity).
 
     The root is LN 18748-4 "Diagnostic Imaging Report": the draft notice, a Findings
     section with one TEXT per finding (``LV systolic function: normal (p 0.62)``), an
-    Impressions section, limitations and provenance. Parameters, flags and errors as
-    :func:`build_measurement_report`; default series 9903.
+    Impressions section, limitations and provenance. Parameters (``safety`` included:
+    a ``CRITICAL — urgent review`` line and the ``AI SAFETY FLAG`` lines after the draft
+    notice), flags and errors as :func:`build_measurement_report`; default series 9903.
 
     Returns
     -------
@@ -464,6 +501,13 @@ def build_narrative_report(
                                  relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD))
     items.append(TextContentItem(name=codes.DCM.Comment, relationship_type=_CONT,
                                  value=f"AI DRAFT. {DRAFT_NOTICE}."))
+    critical = [a for a in ans if a.critical]
+    if critical and safety is not None:
+        items.append(TextContentItem(
+            name=codes.DCM.Comment, relationship_type=_CONT,
+            value="CRITICAL — urgent review: " + "; ".join(a.line for a in critical)))
+    for line in _safety_lines(template, ans, safety):
+        items.append(TextContentItem(name=codes.DCM.Comment, value=line, relationship_type=_CONT))
     findings = ContainerContentItem(name=codes.DCM.Findings, is_content_continuous=False,
                                     relationship_type=_CONT)
     findings.ContentSequence = [
