@@ -80,6 +80,7 @@ class ModelConfig(_Strict):
     quantization: Literal["nf4", "int8", "none"] = "nf4"
     device: str = "auto"
     adapter: Optional[str] = None
+    calibration: Optional[str] = None  # YAML {finding_id: temperature} applied to option scores
 
 
 class DimseTarget(_Strict):

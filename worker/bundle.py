@@ -74,6 +74,7 @@ class AnalysisBundle(BaseModel):
     images: list[BundleImage]
     impression: bool = True  # generate a free-text impression
     limitations: list[str] = Field(default_factory=list)
+    clinical_context: str = ""  # "Clinical context: 54-year-old male; reason: …" (from the study), or ""
 
     def images_for(self, views: list[str]) -> list[BundleImage]:
         """The images of the given views, in bundle order; all images when none match."""

@@ -80,6 +80,7 @@ def prepare(self, job_id: int) -> dict:
     """Classify the study's series, pick phases and slices, render the analysis bundle."""
     from plugin import jobs
     from plugin.cardiac import PrepareError, analyse_paths
+    from plugin.cardiac.context import study_context
     from plugin.reports.template import load_template
 
     settings = get_settings()
@@ -102,7 +103,8 @@ def prepare(self, job_id: int) -> dict:
         bundle = AnalysisBundle(job_id=job_id, study_instance_uid=study_uid, model=job.model,
                                 template=job.template, template_hash=template_hash(template),
                                 questions=template.questions(), images=images,
-                                impression=template.impression, limitations=limitations)
+                                impression=template.impression, limitations=limitations,
+                                clinical_context=study_context(paths))
         data = bundle.model_dump(mode="json")
         write_atomic(bundle_path(settings, job_id), json.dumps(data).encode())
         jobs.set_state(settings, job_id, db.JobState.INFERRING)
@@ -118,11 +120,11 @@ def infer(self, bundle_data: dict) -> dict:
     settings = get_settings()
     try:
         from worker.demo_model import resolve_model_path
-        from worker.model.engine import get_engine, run_bundle
+        from worker.model.engine import get_engine, load_calibration, run_bundle
 
         mc = settings.models[bundle.model]
         engine = get_engine(resolve_model_path(mc.path), quantization=mc.quantization, adapter=mc.adapter)
-        result = run_bundle(engine, bundle, bundle.model)
+        result = run_bundle(engine, bundle, bundle.model, calibration=load_calibration(mc.calibration))
         from plugin.reports.template import load_template
         from worker.safety import apply_safety
 

@@ -843,15 +843,63 @@ def clear_engines() -> None:
 # --------------------------------------------------------------------------- the bundle
 
 
-def option_probabilities(scored: Sequence[tuple[float, int]], normalization: str = "mean") -> list[float]:
+def option_probabilities(scored: Sequence[tuple[float, int]], normalization: str = "mean",
+                         temperature: float = 1.0) -> list[float]:
     """Softmax over the options of :meth:`Engine.option_logprobs` output ((sum, token count) each).
 
     ``"mean"`` divides each sum by its token count first; ``"sum"`` uses the sums.
+    ``temperature`` (from a calibration file, per finding) divides the scores first:
+    > 1 softens over-confident answers, < 1 sharpens them.
     """
     if normalization not in ("mean", "sum"):
         raise ValueError(f"Argument 'normalization' must be 'mean' or 'sum', got {normalization!r}")
+    if not temperature > 0:
+        raise ValueError(f"Argument 'temperature' must be > 0, got {temperature!r}")
     scores = torch.tensor([s / n if normalization == "mean" else s for s, n in scored], dtype=torch.float64)
-    return [float(p) for p in torch.softmax(scores, dim=0)]
+    return [float(p) for p in torch.softmax(scores / temperature, dim=0)]
+
+
+def load_calibration(path: str | Path | None) -> dict[str, float]:
+    """Per-finding temperatures from a YAML/JSON mapping ``finding_id: temperature``."""
+    if not path:
+        return {}
+    from ruamel.yaml import YAML
+
+    p = Path(path)
+    try:
+        data = YAML(typ="safe").load(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(p, f"calibration file unreadable: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in data.values()):
+        raise ModelLoadError(p, "calibration file must map finding ids to positive temperatures")
+    return {str(k): float(v) for k, v in data.items()}
+
+
+def _is_oom(e: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(e, oom)) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def score_with_backoff(engine: "Engine", chosen: list, pil: dict, question: str, option_texts: list[str]):
+    """Score on a mosaic of ``chosen``; on out-of-memory, retry with half the images, then give up.
+
+    Returns (scored, images actually used). Raises RuntimeError naming the question when
+    even one image does not fit.
+    """
+    while True:
+        images = [tile([pil[im.key] for im in chosen], labels=[im.label for im in chosen])] if chosen else []
+        try:
+            return engine.option_logprobs(images, question, option_texts), chosen
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
+            if not _is_oom(e):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(chosen) <= 1:
+                raise RuntimeError(f"out of memory scoring {question!r} even with one image: {e}") from e
+            log.warning("out of memory with %d images for %r: retrying with %d", len(chosen), question,
+                        (len(chosen) + 1) // 2)
+            chosen = chosen[: (len(chosen) + 1) // 2]
 
 
 def impression_prompt(bundle: AnalysisBundle, answers: dict[str, str]) -> str:
@@ -865,7 +913,8 @@ def impression_prompt(bundle: AnalysisBundle, answers: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def run_bundle(engine: Engine, bundle: AnalysisBundle, model_name: str | None = None) -> InferenceResult:
+def run_bundle(engine: Engine, bundle: AnalysisBundle, model_name: str | None = None,
+               calibration: Optional[dict[str, float]] = None) -> InferenceResult:
     """Answer every question of ``bundle`` by option scoring, then write the impression.
 
     For each question the images of its views (:meth:`AnalysisBundle.images_for`) are
@@ -908,14 +957,13 @@ def run_bundle(engine: Engine, bundle: AnalysisBundle, model_name: str | None = 
                 f"Question {q.id!r}: {len(q.options)} options but {len(q.option_texts)} option_texts"
             )
         tq = time.perf_counter()
-        chosen = bundle.images_for(q.views)
+        question = f"{bundle.clinical_context}\n{q.text}" if bundle.clinical_context else q.text
+        scored, chosen = score_with_backoff(engine, bundle.images_for(q.views), pil, question, q.option_texts)
         used.update(im.key for im in chosen)
-        images = [tile([pil[im.key] for im in chosen], labels=[im.label for im in chosen])] if chosen else []
-        scored = engine.option_logprobs(images, q.text, q.option_texts)
-        probs = option_probabilities(scored, engine.normalization)
+        probs = option_probabilities(scored, engine.normalization, (calibration or {}).get(q.id, 1.0))
         best = max(range(len(probs)), key=probs.__getitem__)
         answers[q.id] = q.option_texts[best]
-        prompts[q.id] = engine.chat_prompt(engine.option_instruction(q.text, q.option_texts), len(images))
+        prompts[q.id] = engine.chat_prompt(engine.option_instruction(question, q.option_texts), 1 if chosen else 0)
         option_scores[q.id] = {
             opt: {"text": text, "logprob": lp, "tokens": n, "probability": p}
             for opt, text, (lp, n), p in zip(q.options, q.option_texts, scored, probs)
@@ -937,6 +985,8 @@ def run_bundle(engine: Engine, bundle: AnalysisBundle, model_name: str | None = 
             used.update(im.key for im in bundle.images)
             images = [tile([pil[im.key] for im in bundle.images], labels=[im.label for im in bundle.images])]
         text = impression_prompt(bundle, answers)
+        if bundle.clinical_context:
+            text = f"{bundle.clinical_context}\n{text}"
         prompts["impression"] = engine.chat_prompt(text, len(images))
         impression = engine.generate(images, text)
         timings["impression"] = time.perf_counter() - ti
