@@ -80,3 +80,14 @@ def test_out_of_memory_retries_with_fewer_images_then_fails_with_a_reason(engine
     monkeypatch.setattr(engine, "option_logprobs", always_oom)
     with pytest.raises(RuntimeError, match="out of memory scoring .* even with one image"):
         run_bundle(engine, bundle.model_copy(update={"questions": [q]}))
+
+
+def test_a_model_too_large_for_the_device_is_a_clear_load_error(demo_model_dir, monkeypatch):
+    from transformers import AutoModelForImageTextToText
+
+    def oom(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", oom)
+    with pytest.raises(ModelLoadError, match="not enough memory on cpu for the weights"):
+        Engine.load(demo_model_dir, quantization="none")

@@ -195,6 +195,8 @@ def report(self, result_data: dict) -> None:
                     if (dest, uid) not in existing:
                         s.add(db.Export(job_id=job_id, destination=dest, sop_instance_uid=uid, path=path, kind=kind))
             record_result(s, job_row, result)
+            if safety is not None and safety.criticals:  # dashboards and re-runs see it first
+                job_row.priority = max(job_row.priority or 0, 9)
             job_row.state = db.JobState.EXPORTING
     log.info("report: job %s: %s", job_id, ", ".join(f"{k} {p}" for k, _, p in written))
     if safety is not None and safety.criticals:

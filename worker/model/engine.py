@@ -736,7 +736,21 @@ def _load_model(path: Path, quant: Quantization, device: str, dtype: torch.dtype
     except ModelLoadError:
         raise
     except Exception as exc:
+        if _is_oom(exc):
+            raise ModelLoadError(path, f"not enough memory on {device} for the weights ({quant.value}){_free(device)}; "
+                                       "use quantization: nf4, a smaller model or a larger GPU") from exc
         raise ModelLoadError(path, f"weights failed to load ({quant.value} on {device}): {exc}") from exc
+
+
+def _free(device: str) -> str:
+    """", 3.1 of 8.0 GiB free" for a CUDA device (else "")."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return ""
+    try:
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+    except Exception:  # noqa: BLE001
+        return ""
+    return f", {free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
 
 
 def _check_adapter_dir(adapter: Path | str) -> Path:
