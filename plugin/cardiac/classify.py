@@ -126,7 +126,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 
-from .masks import components, erode
+from .masks import components, erode, otsu
 from .series import Frame, SeriesInfo, Study
 from .views import LONG_AXIS, View
 
@@ -495,18 +495,6 @@ class ContentEvidence:
     outflow_mm2: float = 0.0  # LV-continuous bright blood beyond the LV outline, basal
 
 
-def _otsu(values: np.ndarray, bins: int = 64) -> float:
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    hist = hist.astype(float)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mu0 = m0 / np.maximum(w0, 1e-9)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1e-9)
-    return float(edges[int(np.argmax((w0 * w1 * (mu0 - mu1) ** 2)[:-1])) + 1])
-
-
 def _runs(row: np.ndarray) -> list[tuple[int, int]]:
     """(start, end) column pairs of the True runs of a boolean row, end exclusive."""
     d = np.diff(np.concatenate(([0], row.astype(np.int8), [0])))
@@ -655,7 +643,7 @@ def _content_from_pixels(img: np.ndarray, photometric: str, frame: Frame, axis: 
     central = np.abs(g) <= 60.0
     if central.sum() < 8:
         return ContentEvidence(None, "content: field of view too small; no content evidence")
-    eroded = erode(x > _otsu(x[np.ix_(central, central)].ravel()))
+    eroded = erode(x > otsu(x[np.ix_(central, central)].ravel()))
     labels, k = components(eroded)
     uu, vv = np.meshgrid(g, g, indexing="ij")
     flat = labels.ravel()

@@ -46,3 +46,17 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
                     labels[yy, xx] = n
                     q.append((yy, xx))
     return labels, n
+
+
+def otsu(values: np.ndarray, bins: int = 64) -> float:
+    """Otsu threshold of values in [0, 1] (the split maximising between-class variance)."""
+    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    hist = hist.astype(float)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = m0 / np.maximum(w0, 1e-9)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1e-9)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[int(np.argmax(between[:-1])) + 1])

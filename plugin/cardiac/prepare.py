@@ -44,7 +44,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
-from .masks import components, dilate, erode
+from .masks import components, dilate, erode, otsu
 from worker.bundle import BundleImage, SourceRef
 
 from .classify import Classification, Location, apexward, find_stacks, group_locations, unit
@@ -254,19 +254,6 @@ def _fit(img: Image.Image, spacing: Optional[tuple[float, float]], size: int) ->
 # ---------------------------------------------------------------------------- blood pool
 
 
-def _otsu(values: np.ndarray, bins: int = 64) -> float:
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    hist = hist.astype(float)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres)
-    mu0 = m0 / np.maximum(w0, 1e-9)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1e-9)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(edges[int(np.argmax(between[:-1])) + 1])
-
-
 @dataclass(frozen=True)
 class Pool:
     area: float  # pixels of the original image
@@ -298,7 +285,7 @@ def blood_pool(img: np.ndarray, hint: Optional[tuple[float, float]] = None) -> O
     x = np.clip((img - lo) / (hi - lo), 0.0, 1.0)
     h, w = x.shape
     roi = x[h // 4: 3 * h // 4, w // 4: 3 * w // 4]
-    mask = x > _otsu(roi.ravel())
+    mask = x > otsu(roi.ravel())
     labels, n = components(erode(mask))
     if n == 0:
         return None
