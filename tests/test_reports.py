@@ -457,8 +457,17 @@ def test_uids_are_deterministic(study, built):
     uids = {objs[k].SOPInstanceUID for k in objs} | {objs[k].SeriesInstanceUID for k in objs}
     assert len(uids) == 6
     other = result.model_copy(update={"model_fingerprint": "another-model"})
-    assert build_measurement_report(t, other, images, sources).SOPInstanceUID != \
-        objs["sr"].SOPInstanceUID
+    changed = build_measurement_report(t, other, images, sources)
+    assert changed.SOPInstanceUID != objs["sr"].SOPInstanceUID
+    assert changed.SeriesInstanceUID != objs["sr"].SeriesInstanceUID  # a changed model: a new series
+    # the rules version that decided the analysis is part of the instance UID, not the series
+    for k, build in (("sr", build_measurement_report), ("text", build_narrative_report),
+                     ("sc", build_secondary_capture)):
+        a = build(t, result, images, sources, rules_version="0123456789ab")
+        b = build(t, result, images, sources, rules_version="0123456789ab")
+        c = build(t, result, images, sources, rules_version="ba9876543210")
+        assert a.SOPInstanceUID == b.SOPInstanceUID != c.SOPInstanceUID != objs[k].SOPInstanceUID
+        assert a.SeriesInstanceUID == c.SeriesInstanceUID == objs[k].SeriesInstanceUID
 
 
 def test_multiframe_source_gets_frame_number(study, tmp_path):

@@ -176,11 +176,12 @@ def report(self, result_data: dict) -> None:
             jobs.fail(settings, job_id, f"report: source instances no longer in the store: {sorted(missing)[:3]}")
             raise Ignore()
         lim = list(bundle.limitations)
+        rv = job.rules_version
         objects = [("sr", build_measurement_report(template, result, bundle.images, sources, limitations=lim,
-                                                   safety=safety)),
+                                                   safety=safety, rules_version=rv)),
                    ("text-sr", build_narrative_report(template, result, bundle.images, sources, limitations=lim,
-                                                      safety=safety)),
-                   ("sc", build_secondary_capture(template, result, bundle.images, sources))]
+                                                      safety=safety, rules_version=rv)),
+                   ("sc", build_secondary_capture(template, result, bundle.images, sources, rules_version=rv))]
         out = results_dir(settings, bundle.study_instance_uid)
         written = []
         for kind, ds in objects:

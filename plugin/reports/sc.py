@@ -156,6 +156,7 @@ def build_secondary_capture(
     algorithm_name: str = "cmr-ai",
     algorithm_version: Optional[str] = None,
     institution_name: Optional[str] = None,
+    rules_version: Optional[str] = None,
 ) -> hd.sc.SCImage:
     """Build the Secondary Capture (RGB mosaic with the draft burnt in).
 
@@ -199,7 +200,8 @@ def build_secondary_capture(
         series_instance_uid=output_uid(study_uid, template.name, result.model_fingerprint,
                                        "sc", "series"),
         series_number=series_number,
-        sop_instance_uid=output_uid(study_uid, template.name, result.model_fingerprint, "sc"),
+        sop_instance_uid=output_uid(study_uid, template.name, result.model_fingerprint, "sc",
+                                    rules_version=rules_version),
         instance_number=instance_number,
         manufacturer=manufacturer,
         # required by highdicom for PATIENT; blanked below (tiles differ in orientation)

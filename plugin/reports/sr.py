@@ -134,9 +134,17 @@ def answers(template: Template, result: InferenceResult) -> list[Answer]:
     return out
 
 
-def output_uid(study_uid: str, template_name: str, fingerprint: str, *kind: str) -> str:
-    """Deterministic UID for an output object (same inputs → same UID → PACS replaces)."""
-    return generate_uid(entropy_srcs=[str(study_uid), template_name, fingerprint, *kind])
+def output_uid(study_uid: str, template_name: str, fingerprint: str, *kind: str,
+               rules_version: Optional[str] = None) -> str:
+    """Deterministic UID for an output object (same inputs → same UID → PACS replaces).
+
+    Series UIDs come from study, template and model fingerprint (a changed model gives a
+    new series); SOP Instance UIDs also from the rules version of the config that
+    decided the analysis, so a re-analysis under the same model and rules replaces the
+    earlier object and a re-send never duplicates it.
+    """
+    extra = [f"rules={rules_version}"] if rules_version else []
+    return generate_uid(entropy_srcs=[str(study_uid), template_name, fingerprint, *kind, *extra])
 
 
 def source_datasets(images: Sequence[BundleImage],
@@ -326,6 +334,7 @@ def build_measurement_report(
     institution_name: Optional[str] = None,
     region: str = "rectangle",
     safety: "Optional[SafetyReport]" = None,
+    rules_version: Optional[str] = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 Comprehensive SR of an AI draft.
 
@@ -356,6 +365,9 @@ def build_measurement_report(
         report-level ``AI SAFETY FLAG: …`` Comment, critical answers a
         ``CRITICAL — urgent review: …`` Comment (``result.impression`` is expected to be
         the cleaned one already).
+    rules_version:
+        Version of the config whose rules decided the analysis; part of the SOP
+        Instance UID (see :func:`output_uid`).
 
     Returns
     -------
@@ -441,7 +453,8 @@ def build_measurement_report(
         series_instance_uid=output_uid(study_uid, template.name, result.model_fingerprint,
                                        "sr", "series"),
         series_number=series_number,
-        sop_instance_uid=output_uid(study_uid, template.name, result.model_fingerprint, "sr"),
+        sop_instance_uid=output_uid(study_uid, template.name, result.model_fingerprint, "sr",
+                                    rules_version=rules_version),
         instance_number=instance_number,
         manufacturer=manufacturer,
         is_complete=False,
@@ -454,6 +467,7 @@ def build_measurement_report(
         manufacturer_model_name=algorithm_name[:64],
         software_versions=version[:64],
         specific_character_set=CHARSET,
+        coding_schemes=template.coding_scheme_items(),
     )
     return sr
 
@@ -475,6 +489,7 @@ def build_narrative_report(
     limitations: Sequence[str] = (),
     institution_name: Optional[str] = None,
     safety: "Optional[SafetyReport]" = None,
+    rules_version: Optional[str] = None,
 ) -> hd.sr.EnhancedSR:
     """Build a short text-only Enhanced SR of the same draft (SEPARATE continuity).
 
@@ -534,7 +549,8 @@ def build_narrative_report(
         series_instance_uid=output_uid(study_uid, template.name, result.model_fingerprint,
                                        "sr-text", "series"),
         series_number=series_number,
-        sop_instance_uid=output_uid(study_uid, template.name, result.model_fingerprint, "sr-text"),
+        sop_instance_uid=output_uid(study_uid, template.name, result.model_fingerprint, "sr-text",
+                                    rules_version=rules_version),
         instance_number=instance_number,
         manufacturer=manufacturer,
         is_complete=False,
@@ -547,4 +563,5 @@ def build_narrative_report(
         manufacturer_model_name=algorithm_name[:64],
         software_versions=version[:64],
         specific_character_set=CHARSET,
+        coding_schemes=template.coding_scheme_items(),
     )

@@ -15,6 +15,8 @@ Schema
     impression: true                       # ask the model for a free-text impression
     limitations:                           # optional; report-level TEXT items
       - "Qualitative reading of a few rendered slices; no volumetry."
+    coding_schemes:                        # only for codes outside DICOM's standard schemes
+      - {designator: 99CMR, name: "Local CMR codes", responsible_organization: "Site X"}
     findings:                              # one TID 1410 measurement group each
       - id: lv_systolic_function           # [a-z0-9_]+, unique; stable: eval/training use it
         label: LV systolic function        # optional short topic for SR comments and the SC
@@ -32,7 +34,11 @@ A *code* is either a keyword of ``pydicom.sr.codedict.codes`` written
 ``SCHEME.Keyword`` (preferred: the dictionary is the project's single source of codes)
 or an explicit mapping ``{scheme: SCT, value: "241620005", meaning: "Cardiac MRI"}``
 (for local ``99CMR`` codes or concepts the dictionary lacks). A keyword that the
-dictionary does not have is an error.
+dictionary does not have is an error. A scheme that is not one of DICOM's standard
+coding schemes (those of ``pydicom.sr.codedict``, plus ``SRT`` and ``ACR``) must be
+declared under ``coding_schemes``; the SRs then carry it in the Coding Scheme
+Identification Sequence (0008,0110), as PS3.3 C.12.1 requires. Private designators
+should start with ``99`` (PS3.16 section 8.2). See ``docs/templates.md``.
 
 Public API: :func:`load_template`, :func:`list_templates`, :class:`Template`,
 :class:`TemplateError`.
@@ -58,7 +64,7 @@ from plugin.cardiac.views import View
 from worker.bundle import Question
 
 __all__ = [
-    "CodeSpec", "Finding", "Option", "Template", "TemplateError",
+    "CodeSpec", "CodingScheme", "Finding", "Option", "Template", "TemplateError",
     "default_templates_dir", "list_templates", "load_template",
 ]
 
@@ -159,6 +165,26 @@ Ident = Annotated[str, AfterValidator(_check_id)]
 ViewName = Annotated[str, AfterValidator(_check_view)]
 
 
+#: Coding schemes PS3.16 defines (no declaration needed in a template).
+STANDARD_SCHEMES = frozenset(codes.schemes()) | {"SRT", "ACR", "99SDM", "ICD10", "I9C"}
+
+
+class CodingScheme(_Strict):
+    """A coding scheme a template uses that DICOM does not define (a site's private one)."""
+
+    designator: str = Field(min_length=1, max_length=16, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(min_length=1, max_length=64)
+    version: Optional[str] = Field(None, max_length=16)
+    responsible_organization: Optional[str] = Field(None, max_length=64)
+
+    def item(self):
+        """The Coding Scheme Identification Sequence item (highdicom)."""
+        from highdicom.coding_schemes import CodingSchemeIdentificationItem
+        return CodingSchemeIdentificationItem(designator=self.designator, name=self.name,
+                                              version=self.version,
+                                              responsible_organization=self.responsible_organization)
+
+
 class Option(_Strict):
     """One answer option: the id the pipeline uses, the text the model scores, its code."""
 
@@ -210,8 +236,16 @@ class Template(_Strict):
     procedure: CodeField
     impression: bool = True
     limitations: list[str] = Field(default_factory=list)
+    coding_schemes: list[CodingScheme] = Field(default_factory=list)
     findings: list[Finding] = Field(min_length=1)
     source: Optional[str] = Field(None, exclude=True)  # the file it was loaded from
+
+    def coding_scheme_items(self) -> Optional[list]:
+        """Coding Scheme Identification items for the non-standard schemes the template
+        uses (None when it uses only DICOM's own), for the SR builders."""
+        used = {spec.scheme for _, spec in self.all_codes()}
+        items = [cs.item() for cs in self.coding_schemes if cs.designator in used]
+        return items or None
 
     @cached_property
     def _by_id(self) -> dict[str, Finding]:
@@ -317,6 +351,20 @@ def _semantic_errors(data: Any, stem: str) -> list[tuple[tuple, str]]:
     if isinstance(name, str) and ID_RE.match(name) and name != stem:
         errs.append((("name",), f"name {name!r} must equal the file name {stem!r} "
                                 "(rules refer to templates by file name)"))
+    declared: set[str] = set()
+    schemes = data.get("coding_schemes")
+    if isinstance(schemes, list):
+        for k, cs in enumerate(schemes):
+            d = cs.get("designator") if isinstance(cs, dict) else None
+            if not isinstance(d, str):
+                continue
+            if d in STANDARD_SCHEMES:
+                errs.append((("coding_schemes", k, "designator"),
+                             f"{d!r} is a DICOM standard coding scheme: do not declare it"))
+            elif d in declared:
+                errs.append((("coding_schemes", k, "designator"), f"{d!r} is declared twice"))
+            declared.add(d)
+    _check_scheme(data.get("procedure"), ("procedure",), declared, errs)
     findings = data.get("findings")
     if not isinstance(findings, list):
         return errs
@@ -348,6 +396,11 @@ def _semantic_errors(data: Any, stem: str) -> list[tuple[tuple, str]]:
                                  f"duplicate option text {text!r}: the model could not tell "
                                  f"options[{opt_texts[text.strip().lower()]}] and options[{j}] apart"))
                 opt_texts.setdefault(text.strip().lower(), j)
+        for key in ("concept", "site"):
+            _check_scheme(f.get(key), ("findings", i, key), declared, errs)
+        for j, o in enumerate(options):
+            if isinstance(o, dict):
+                _check_scheme(o.get("code"), ("findings", i, "options", j, "code"), declared, errs)
         critical = f.get("critical")
         if isinstance(critical, list):
             for k, c in enumerate(critical):
@@ -357,6 +410,21 @@ def _semantic_errors(data: Any, stem: str) -> list[tuple[tuple, str]]:
                                  (f"; did you mean {hint[0]!r}?" if hint else
                                   f"; options: {', '.join(opt_ids)}")))
     return errs
+
+
+def _check_scheme(code: Any, loc: tuple, declared: set[str], errs: list) -> None:
+    """An explicit code mapping whose scheme is neither standard nor declared is an error."""
+    if not isinstance(code, dict) or not isinstance(code.get("scheme"), str):
+        return
+    scheme = code["scheme"]
+    if scheme in STANDARD_SCHEMES or scheme in declared:
+        return
+    hint = difflib.get_close_matches(scheme, sorted(STANDARD_SCHEMES | declared), n=1, cutoff=0.7)
+    errs.append((loc + ("scheme",),
+                 f"coding scheme {scheme!r} is not a DICOM standard scheme" +
+                 (f" (did you mean {hint[0]!r}?)" if hint else "") +
+                 ": declare it under coding_schemes: [{designator: " + scheme +
+                 ", name: ..., responsible_organization: ...}]"))
 
 
 def _resolve(name_or_path: Union[str, Path], templates_dir: Union[str, Path, None]) -> Path:
