@@ -169,7 +169,7 @@ def run_demo(workdir: str | Path = "./var/demo", *, keep_running: bool = False, 
             console.print("[dim](the demo model has random weights: its answers and impression prove the "
                           "plumbing, not medicine)[/]")
         names = {"sr": "SR, TID 1500 measurement report", "text-sr": "SR, narrative text",
-                 "sc": "Secondary Capture"}
+                 "sc": "Secondary Capture", "pr": "Grayscale Softcopy Presentation State"}
         for kind, dest, uid, state in sorted(exports):
             path = out_dir / truth.study_instance_uid / f"{uid}.dcm"
             console.print(f"  {names.get(kind, kind)} → {dest} ({state}):\n    {path}")

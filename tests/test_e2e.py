@@ -2,8 +2,8 @@
 
 dcmtk's storescu sends synthetic cardiac studies of three vendor styles (and a brain
 MR and a CT) to ``cmr-ai serve``; the node's embedded Celery worker (a real
-subprocess on the SQLite broker) runs the nf4 demo model; the SR, narrative SR and
-SC arrive in a real Orthanc over C-STORE and over STOW-RS; dciodvfy finds no error
+subprocess on the SQLite broker) runs the nf4 demo model; the SR, narrative SR,
+SC and GSPS arrive in a real Orthanc over C-STORE and over STOW-RS; dciodvfy finds no error
 in what we wrote; the non-cardiac studies produce nothing.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from plugin.phantom import write_brain_mr, write_ct, write_study
 
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.11"}
 SC_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
 
 
 def _wait_port(port, proc, timeout=60):
@@ -135,8 +136,9 @@ def test_cardiac_studies_in_ai_draft_out_non_cardiac_ignored(node, orthanc, tmp_
     while time.monotonic() < deadline and len(found) < len(cardiac):
         for uid in cardiac:
             objs = [o for o in orthanc_study_objects(orthanc, uid)
-                    if o["sop_class"] in SR_CLASSES or o["sop_class"].startswith(SC_CLASS_PREFIX)]
-            if len(objs) >= 3:
+                    if o["sop_class"] in SR_CLASSES or o["sop_class"].startswith(SC_CLASS_PREFIX)
+                    or o["sop_class"] == GSPS_CLASS]
+            if len(objs) >= 4:
                 found[uid] = objs
         with db.session_scope(node["db"]) as s:
             failed = s.scalars(select(db.Job).where(db.Job.state == db.JobState.FAILED)).all()
@@ -151,6 +153,7 @@ def test_cardiac_studies_in_ai_draft_out_non_cardiac_ignored(node, orthanc, tmp_
         kinds = sorted(o["sop_class"] for o in objs)
         assert "1.2.840.10008.5.1.4.1.1.88.33" in kinds, kinds  # Comprehensive SR (TID 1500)
         assert any(k.startswith(SC_CLASS_PREFIX) for k in kinds), kinds
+        assert GSPS_CLASS in kinds, kinds  # presentation state on the original images
         for o in objs:
             path = tmp_path / f"{o['id']}.dcm"
             path.write_bytes(requests.get(f"{base}/instances/{o['id']}/file", timeout=30).content)

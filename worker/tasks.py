@@ -142,11 +142,12 @@ def infer(self, bundle_data: dict) -> dict:
 
 @app.task(name="cmr_ai.report", bind=True)
 def report(self, result_data: dict) -> None:
-    """Build the SR, the narrative SR and the SC; put them in the outbox; send."""
+    """Build the SR, the narrative SR, the SC and the GSPS; put them in the outbox; send."""
     import pydicom
 
     from plugin import jobs, outbox
     from plugin.export import dataset_bytes
+    from plugin.reports.pr import build_presentation_state
     from plugin.reports.sc import build_secondary_capture
     from plugin.reports.sr import build_measurement_report, build_narrative_report
     from plugin.reports.template import load_template
@@ -181,7 +182,10 @@ def report(self, result_data: dict) -> None:
                                                    safety=safety, rules_version=rv)),
                    ("text-sr", build_narrative_report(template, result, bundle.images, sources, limitations=lim,
                                                       safety=safety, rules_version=rv)),
-                   ("sc", build_secondary_capture(template, result, bundle.images, sources, rules_version=rv))]
+                   ("sc", build_secondary_capture(template, result, bundle.images, sources, safety=safety,
+                                                  rules_version=rv)),
+                   ("pr", build_presentation_state(template, result, bundle.images, sources, safety=safety,
+                                                   rules_version=rv))]
         out = results_dir(settings, bundle.study_instance_uid)
         written = []
         for kind, ds in objects:

@@ -2,16 +2,20 @@
 
 The one object every viewer shows (VIEWERS.md). A mosaic of the bundle images (each
 tile labelled, e.g. "SAX mid ED") under a red banner "UNVERIFIED AI DRAFT — cmr-ai — not
-for diagnosis", followed by one line per answer ("LV systolic function: normal
-(p 0.62)"), the impression and the template title. Built with highdicom's ``SCImage``
-(RGB, 8 bit); BurnedInAnnotation YES; patient/study attributes copied from a source;
-deterministic UIDs as in :mod:`plugin.reports.sr`.
+for diagnosis"; right under the banner a dark red strip with the critical answers
+("CRITICAL — urgent review: …") and the safety pass's ``AI SAFETY FLAG: …`` lines, when
+there are any; under the tiles one line per answer ("LV systolic function: normal
+(p 0.62)"), the impression and the template title; a red footer repeats the banner.
+Built with highdicom's ``SCImage`` (RGB, 8 bit); BurnedInAnnotation YES; Series
+Description, Image Comments and Derivation Description say "AI draft, unverified";
+patient/study attributes copied from a source; deterministic UIDs as in
+:mod:`plugin.reports.sr`.
 """
 from __future__ import annotations
 
 import math
 import textwrap
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -19,12 +23,16 @@ import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.sr.codedict import codes
 
-from plugin.reports.sr import (CHARSET, Answer, _equipment, answers, output_uid,
-                               source_datasets)
+from plugin.reports.sr import (CHARSET, Answer, _equipment, _safety_lines, answers,
+                               dicom_text, output_uid, source_datasets)
 from plugin.reports.template import Template
 from worker.bundle import BundleImage, InferenceResult
 
-__all__ = ["BANNER", "SC_SERIES_DESCRIPTION", "build_secondary_capture", "render_mosaic"]
+if TYPE_CHECKING:  # pragma: no cover
+    from worker.safety import SafetyReport
+
+__all__ = ["BANNER", "SC_SERIES_DESCRIPTION", "build_secondary_capture", "flag_lines",
+           "render_mosaic"]
 
 SC_SERIES_DESCRIPTION = "AI DRAFT cmr-ai SC"
 TILE = 256
@@ -37,6 +45,7 @@ _WHITE = (255, 255, 255)
 _YELLOW = (255, 220, 40)
 _ORANGE = (255, 120, 40)
 _GREY = (200, 200, 200)
+_FLAG_BG = (70, 10, 10)
 
 
 def BANNER(algorithm_name: str = "cmr-ai") -> str:  # noqa: N802 — reads like a constant
@@ -88,9 +97,21 @@ def _tile(image: BundleImage, font) -> Image.Image:
     return tile
 
 
+def flag_lines(template: Template, ans: Sequence[Answer],
+               safety: "Optional[SafetyReport]" = None) -> list[str]:
+    """The lines of the strip under the banner, as the SR words them: ``CRITICAL — urgent
+    review: …`` naming every critical answer, then the safety pass's lines (critical
+    findings it found that the answers do not mark, ``AI SAFETY FLAG: …`` per flag)."""
+    critical = [a for a in ans if a.critical]
+    out = ["CRITICAL — urgent review: " + "; ".join(a.line for a in critical)] if critical else []
+    return out + _safety_lines(template, ans, safety)
+
+
 def render_mosaic(template: Template, result: InferenceResult, images: Sequence[BundleImage],
-                  ans: Sequence[Answer], *, algorithm_name: str = "cmr-ai") -> Image.Image:
-    """The SC picture: banner, labelled tiles, answers, impression (PIL RGB image)."""
+                  ans: Sequence[Answer], *, algorithm_name: str = "cmr-ai",
+                  safety: "Optional[SafetyReport]" = None) -> Image.Image:
+    """The SC picture: banner, critical/safety strip, labelled tiles, answers, impression
+    (PIL RGB image)."""
     big, normal, small = _font(20), _font(15), _font(13)
     n = len(images)
     ncols = min(MAX_COLUMNS, max(n, 1))
@@ -101,6 +122,9 @@ def render_mosaic(template: Template, result: InferenceResult, images: Sequence[
     banner = _wrap(_text(BANNER(algorithm_name), big), big, text_w)
     sub = _wrap(_text(f"{template.title} · model {result.model} · {template.name}", small),
                 small, text_w)
+    flags = [(t, _ORANGE if line.startswith("CRITICAL") else _YELLOW, normal)
+             for line in flag_lines(template, ans, safety)
+             for t in _wrap(_text(line, normal), normal, text_w)]
     lines: list[tuple[str, tuple, object]] = []
     for a in ans:
         colour = _ORANGE if a.critical else _YELLOW
@@ -118,9 +142,11 @@ def render_mosaic(template: Template, result: InferenceResult, images: Sequence[
         return b[3] - b[1] + 6
 
     banner_h = PAD + len(banner) * h(big) + len(sub) * h(small) + PAD
+    flags_h = PAD + sum(h(f) for _, _, f in flags) + PAD if flags else 0
     grid_h = nrows * TILE
     text_h = PAD + sum(h(f) for _, _, f in lines) + PAD
-    canvas = Image.new("RGB", (width, banner_h + grid_h + text_h + h(small) + PAD), (0, 0, 0))
+    canvas = Image.new("RGB", (width, banner_h + flags_h + grid_h + text_h + h(small) + PAD),
+                       (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     draw.rectangle((0, 0, width - 1, banner_h - 1), fill=_RED)
     y = PAD
@@ -130,11 +156,18 @@ def render_mosaic(template: Template, result: InferenceResult, images: Sequence[
     for t in sub:
         draw.text((PAD, y), t, fill=_WHITE, font=small)
         y += h(small)
+    if flags:
+        draw.rectangle((0, banner_h, width - 1, banner_h + flags_h - 1), fill=_FLAG_BG)
+        y = banner_h + PAD
+        for t, colour, font in flags:
+            draw.text((PAD, y), t, fill=colour, font=font)
+            y += h(font)
+    top = banner_h + flags_h
     x0 = (width - ncols * TILE) // 2
     for i, im in enumerate(images):
         r, c = divmod(i, ncols)
-        canvas.paste(_tile(im, small), (x0 + c * TILE, banner_h + r * TILE))
-    y = banner_h + grid_h + PAD
+        canvas.paste(_tile(im, small), (x0 + c * TILE, top + r * TILE))
+    y = top + grid_h + PAD
     for t, colour, font in lines:
         draw.text((PAD, y), t, fill=colour, font=font)
         y += h(font)
@@ -156,6 +189,7 @@ def build_secondary_capture(
     algorithm_name: str = "cmr-ai",
     algorithm_version: Optional[str] = None,
     institution_name: Optional[str] = None,
+    safety: "Optional[SafetyReport]" = None,
     rules_version: Optional[str] = None,
 ) -> hd.sc.SCImage:
     """Build the Secondary Capture (RGB mosaic with the draft burnt in).
@@ -170,6 +204,12 @@ def build_secondary_capture(
     algorithm_name, algorithm_version:
         Burnt into the banner / written as Software Versions; the version defaults to
         ``result.model_fingerprint``.
+    safety:
+        The :class:`worker.safety.SafetyReport` of the result: its lines (see
+        :func:`flag_lines`) are burnt into the strip under the banner, with the critical
+        answers (which are there with or without it), and repeated in Image Comments.
+    rules_version:
+        Part of the SOP Instance UID (see :func:`plugin.reports.sr.output_uid`).
 
     Returns
     -------
@@ -189,8 +229,8 @@ def build_secondary_capture(
     evidence = source_datasets(images, sources)
     ref = evidence[0]
     study_uid = str(ref.StudyInstanceUID)
-    pixels = np.asarray(render_mosaic(template, result, images, ans,
-                                      algorithm_name=algorithm_name), dtype=np.uint8)
+    pixels = np.asarray(render_mosaic(template, result, images, ans, algorithm_name=algorithm_name,
+                                      safety=safety), dtype=np.uint8)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ref,
         pixel_array=pixels,
@@ -218,7 +258,9 @@ def build_secondary_capture(
     sc.Laterality = None                  # Type 2C; dciodvfy wants it on SC from cardiac MR
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
-    sc.ImageComments = f"{BANNER(algorithm_name)}. {template.title}."
+    sc.ImageComments = dicom_text(" ".join(
+        [f"{BANNER(algorithm_name)}. {template.title}."]
+        + [f"{line.rstrip('.')}." for line in flag_lines(template, ans, safety)]))[:10240]
     sc.DerivationDescription = (f"Mosaic of {len(images)} rendered source slice(s) with the "
                                 f"{algorithm_name} AI draft answers burnt in")[:1024]
     items = []
