@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError
 
@@ -109,12 +109,34 @@ class DicomwebTarget(_Strict):
 
 
 class Destination(_Strict):
-    """Exactly one of ``dimse``, ``dicomweb`` or ``folder``."""
+    """Exactly one of ``dimse``, ``dicomweb`` or ``folder``.
+
+    ``verify`` asks the peer to confirm that it kept what was sent: ``commitment``
+    (DIMSE Storage Commitment Push Model, PS3.4 Annex J: the result comes back as an
+    N-EVENT-REPORT to the node's own AE, so the peer must know the node as a
+    modality) or ``qido`` (DICOMweb: a QIDO-RS search for each instance). An object
+    not confirmed within ``verify_timeout`` seconds is sent again (with back-off,
+    counting towards ``max_attempts``).
+    """
 
     dimse: Optional[DimseTarget] = None
     dicomweb: Optional[DicomwebTarget] = None
     folder: Optional[str] = None
     max_attempts: int = Field(8, ge=1)
+    verify: Literal["none", "commitment", "qido"] = "none"
+    verify_timeout: float = Field(300.0, gt=0)
+
+    @field_validator("verify")
+    @classmethod
+    def _verify_fits_transport(cls, v: str, info: ValidationInfo) -> str:
+        needs = {"commitment": "dimse", "qido": "dicomweb"}.get(v)
+        if needs and info.data.get(needs) is None:
+            have = next((k for k in ("dimse", "dicomweb", "folder") if info.data.get(k) is not None), None)
+            raise ValueError(f"verify {v!r} needs a {needs} destination"
+                             + (f" (this one is {have})" if have else "")
+                             + ("; use verify: qido for dicomweb" if have == "dicomweb" else "")
+                             + ("; use verify: commitment for dimse" if have == "dimse" else ""))
+        return v
 
     @model_validator(mode="after")
     def _one(self) -> "Destination":

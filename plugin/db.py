@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from sqlalchemy import (BigInteger, DateTime, Enum, ForeignKey, Integer, String, Text, UniqueConstraint,
+from sqlalchemy import (BigInteger, Boolean, DateTime, Enum, ForeignKey, Integer, String, Text, UniqueConstraint,
                         create_engine, event)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -51,9 +51,22 @@ class JobState(str, enum.Enum):
 
 
 class ExportState(str, enum.Enum):
+    """Where an outbox row stands (the life of a row: ``plugin.outbox``).
+
+    pending ──send──► sent ─(verify: confirmed)─► sent, ``confirmed_at`` set
+       ▲  │              │ (verify: not confirmed in time / commitment failed)
+       │  │              └──► pending again (re-sent, back-off), or dead
+       │  ├─ retryable failure: pending, ``next_attempt_at`` backed off
+       │  ├─ permanent failure, or ``max_attempts`` reached: dead
+       │  ├─ the destination already has this content: sent, ``duplicate_of`` set
+       │  └─ a newer row for the same object and destination was delivered: superseded
+       └──── ``cmr-ai exports retry`` (dead, sent, superseded → pending)
+    """
+
     PENDING = "pending"
-    SENT = "sent"
+    SENT = "sent"  # delivered (or already there: ``duplicate_of``); may still await confirmation
     DEAD = "dead"  # gave up after max attempts or a permanent failure; re-sendable
+    SUPERSEDED = "superseded"  # never sent: a newer row for the same object and destination replaced it
 
 
 class Study(Base):
@@ -150,10 +163,31 @@ class Export(Base):
     state: Mapped[ExportState] = mapped_column(Enum(ExportState, native_enum=False, length=16),
                                                default=ExportState.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    last_error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
-    sent_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)  # pending: next try; sent and
+    # awaiting confirmation: next check
+    last_error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)  # why the last attempt failed
+    sent_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)  # left the outbox (sent,
+    # found already delivered, or superseded)
+    created_at: Mapped[Optional[datetime]] = mapped_column(DateTime, default=utcnow, nullable=True)
+    # The peer's answer to the last attempt: "0x0000", "0xB000" (DIMSE status), "HTTP 202 0xB000",
+    # "HTTP 409 0x0110" (STOW-RS status and Warning/FailureReason), "HTTP 503", "no association", "duplicate".
+    status: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    warning: Mapped[Optional[str]] = mapped_column(Text, nullable=True)  # delivered with this warning
+    digest: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)  # SHA-256 of the content,
+    # volatile attributes left out (plugin.outbox.content_digest)
+    duplicate_of: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)  # already delivered by that row
+    force: Mapped[bool] = mapped_column(Boolean, default=False)  # send even if already delivered (retry)
+    claim: Mapped[Optional[str]] = mapped_column(String(32), nullable=True, index=True)  # the flush sending it
+    verify: Mapped[Optional[str]] = mapped_column(String(16), nullable=True)  # commitment | qido, once sent
+    commit_uid: Mapped[Optional[str]] = mapped_column(String(64), nullable=True, index=True)  # Transaction UID
+    confirm_by: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)  # re-sent if not confirmed
+    confirmed_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)
     job: Mapped[Job] = relationship(back_populates="exports")
+
+    @property
+    def awaiting_confirmation(self) -> bool:
+        """Sent to a destination with ``verify``, and not confirmed yet."""
+        return self.state == ExportState.SENT and bool(self.verify) and self.confirmed_at is None
 
 
 class Audit(Base):

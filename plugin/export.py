@@ -10,6 +10,9 @@ The contract every exporter keeps:
 - ``send`` returns one :class:`StoreOutcome` per dataset, in order, with the SOP
   Instance UID the outbox row knows it by;
 - a failure of one instance is an outcome (``ok=False``), never an exception;
+- a warning (C-STORE 0x0001/0xBxxx, STOW-RS 202 or a WarningReason) is delivered
+  (``ok=True``) *and* ``warning=True``: the outbox records and logs it;
+- ``code`` is the peer's status in short (``0xB000``, ``HTTP 409 0x0110``), for the row;
 - a failure of the whole send (peer unreachable, association rejected, HTTP 5xx) is
   an :class:`ExportError` whose ``retryable`` tells the outbox whether to back off
   and try again or to dead-letter the rows.
@@ -34,8 +37,8 @@ from plugin.config import DicomwebTarget, DimseTarget, Destination
 from plugin.storage import check_uid, write_atomic
 
 __all__ = ["DicomwebExporter", "DimseExporter", "ExportError", "Exporter", "FolderExporter",
-           "StoreOutcome", "dataset_bytes", "describe_status", "exporter_for", "is_success", "part10",
-           "retryable_status"]
+           "StoreOutcome", "dataset_bytes", "describe_status", "exporter_for", "is_success", "is_warning",
+           "part10", "retryable_status"]
 
 
 class ExportError(Exception):
@@ -49,14 +52,18 @@ class ExportError(Exception):
         True for conditions that may clear on their own (peer down, timeout, HTTP
         5xx/429, out of resources); False when the same request will fail again
         (HTTP 4xx, malformed data).
+    code:
+        The peer's status in short, for the outbox row: ``HTTP 503``, ``no association``,
+        ``association aborted``, ``0x0122`` (an N-ACTION status) …
     """
 
-    def __init__(self, message: str, retryable: bool):
+    def __init__(self, message: str, retryable: bool, code: str = ""):
         super().__init__(message)
         self.retryable = retryable
+        self.code = code
 
-    def __reduce__(self):  # keep ``retryable`` across pickling (Celery results)
-        return (type(self), (str(self), self.retryable))
+    def __reduce__(self):  # keep ``retryable`` and ``code`` across pickling (Celery results)
+        return (type(self), (str(self), self.retryable, self.code))
 
 
 @dataclass(frozen=True)
@@ -66,12 +73,17 @@ class StoreOutcome:
     ``status`` is human-readable and starts with the DICOM status where there is
     one: ``"0x0000 Success"``, ``"0xA700 Failure: Refused: Out of Resources"``,
     ``"STOW-RS failure reason 0x0110 Failure: Processing Failure"``, ``"written /out/1.2/1.2.3.dcm"``.
+    ``code`` is the same in short (``"0x0000"``, ``"0xB007"``, ``"HTTP 409 0x0110"``,
+    ``"written"``); ``warning`` marks a delivered instance the peer warned about
+    (C-STORE 0x0001 / 0xBxxx, STOW-RS 202 or a WarningReason).
     """
 
     sop_instance_uid: str
     ok: bool
     status: str
     retryable: bool = False
+    code: str = ""
+    warning: bool = False
 
 
 @runtime_checkable
@@ -125,6 +137,18 @@ def is_success(code: int) -> bool:
     from pynetdicom.status import code_to_category
 
     return code_to_category(code) in ("Success", "Warning")
+
+
+def is_warning(code: int) -> bool:
+    """The warnings (0x0001, 0x0107, 0x0116, 0xB000-0xBFFF): stored, but not quite as sent.
+
+    C-STORE 0xB000 coercion of data elements, 0xB006 elements discarded, 0xB007 data
+    set does not match SOP class (PS3.4 Table B.2-1): the PACS kept the instance, the
+    outbox records the warning on the row and logs it.
+    """
+    from pynetdicom.status import code_to_category
+
+    return code_to_category(code) == "Warning"
 
 
 # ---------------------------------------------------------------------------
@@ -235,11 +259,12 @@ class FolderExporter:
             try:
                 path = self.path_for(ds)
                 write_atomic(path, dataset_bytes(ds))
-                out.append(StoreOutcome(uid, True, f"written {path}"))
+                out.append(StoreOutcome(uid, True, f"written {path}", code="written"))
             except OSError as e:  # disk full, permissions, a vanished mount: may clear
-                out.append(StoreOutcome(uid, False, f"cannot write to {self.folder}: {e}", retryable=True))
+                out.append(StoreOutcome(uid, False, f"cannot write to {self.folder}: {e}", retryable=True,
+                                        code=f"OSError {e.errno}" if e.errno else "OSError"))
             except Exception as e:  # BadUID, encoding errors: the same data fails again
-                out.append(StoreOutcome(uid, False, f"not written: {e}", retryable=False))
+                out.append(StoreOutcome(uid, False, f"not written: {e}", retryable=False, code="not written"))
         return out
 
     def __repr__(self) -> str:

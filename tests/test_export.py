@@ -66,8 +66,8 @@ def test_dimse_export_arrives_in_orthanc(orthanc):
 
     out = exporter.send([image, in_memory])
 
-    assert out == [StoreOutcome(str(image.SOPInstanceUID), True, "0x0000 Success"),
-                   StoreOutcome(str(in_memory.SOPInstanceUID), True, "0x0000 Success")]
+    assert out == [StoreOutcome(str(image.SOPInstanceUID), True, "0x0000 Success", code="0x0000"),
+                   StoreOutcome(str(in_memory.SOPInstanceUID), True, "0x0000 Success", code="0x0000")]
     for ds in (image, in_memory):
         oid = orthanc.find_instance(ds.SOPInstanceUID)
         assert oid, f"{ds.SOPInstanceUID} not in Orthanc"
@@ -227,7 +227,8 @@ RECORDED_409 = {
 
 def test_stow_response_parsing():
     failed_only = stow.parse_response(Dataset.from_json(RECORDED_409), ["1.2.9.1"], http_status=409)
-    assert failed_only == [StoreOutcome("1.2.9.1", False, "STOW-RS failure reason 0x0110 Failure: Processing Failure")]
+    assert failed_only == [StoreOutcome("1.2.9.1", False, "STOW-RS failure reason 0x0110 Failure: Processing Failure",
+                                        code="HTTP 409 0x0110")]
 
     resp = Dataset()
     resp.FailedSOPSequence = [Dataset(), Dataset()]
@@ -335,3 +336,112 @@ def test_folder_exporter_refuses_malformed_uids(tmp_path, keyword, value):
     assert not o.ok and not o.retryable and keyword in o.status, o
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "nothing may be written"
 
+
+
+# ---------------------------------------------------------------------------
+# warnings, peer status codes, QIDO-RS, Storage Commitment request
+
+def test_stow_202_warnings_are_delivered_and_marked():
+    def response(failed=(), stored=()):
+        resp = Dataset()
+        resp.FailedSOPSequence, resp.ReferencedSOPSequence = [], []
+        for uid, code in failed:
+            item = Dataset()
+            item.ReferencedSOPInstanceUID, item.FailureReason = uid, code
+            resp.FailedSOPSequence.append(item)
+        for uid, code in stored:
+            item = Dataset()
+            item.ReferencedSOPInstanceUID = uid
+            if code:
+                item.WarningReason = code
+            resp.ReferencedSOPSequence.append(item)
+        return resp
+
+    # 202 with nothing said: every stored instance is taken as warned about
+    [o] = stow.parse_response(response(stored=[("1.1", None)]), ["1.1"], http_status=202)
+    assert o.ok and o.warning and o.code == "HTTP 202" and "Accepted: stored with warnings" in o.status
+    # 202 explained by another instance's failure: the stored one is plainly stored
+    a, b = stow.parse_response(response(failed=[("1.2", 0xA700)], stored=[("1.1", None)]), ["1.1", "1.2"],
+                               http_status=202)
+    assert (a.ok, a.warning, a.code) == (True, False, "HTTP 202")
+    assert (b.ok, b.retryable, b.code) == (False, True, "HTTP 202 0xA700")
+    # a WarningReason, whatever the HTTP status
+    [o] = stow.parse_response(response(stored=[("1.1", 0xB006)]), ["1.1"], http_status=200)
+    assert o.ok and o.warning and o.code == "HTTP 200 0xB006" and "Element Discarded" in o.status
+    [o] = stow.parse_response(response(stored=[("1.1", None)]), ["1.1"], http_status=200)
+    assert o.ok and not o.warning and o.code == "HTTP 200"
+
+
+def test_export_error_keeps_its_code_across_pickling():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(ExportError("peer down", True, "no association")))
+    assert (str(e), e.retryable, e.code) == ("peer down", True, "no association")
+
+
+def test_status_codes_of_whole_send_failures(orthanc):
+    port = free_port()
+    with pytest.raises(ExportError) as ei:
+        scu.store(DimseTarget(ae_title="PACS", host="127.0.0.1", port=port, timeout=3), [sc_image()])
+    assert ei.value.code == "no association" and "could not be made" in str(ei.value)
+    with pytest.raises(ExportError) as ei:
+        stow.store(DicomwebTarget(url=f"http://127.0.0.1:{port}/dicom-web", timeout=3), [sc_image()])
+    assert ei.value.code == "no connection"
+    with pytest.raises(ExportError) as ei:
+        stow.store(DicomwebTarget(url=f"{orthanc.base}/no-such-root"), [sc_image()])
+    assert ei.value.code == "HTTP 404"
+
+
+def test_dimse_peer_accepting_no_context_is_a_permanent_error(strict_scp):
+    target, received = strict_scp  # takes Secondary Capture only
+    sr = Dataset()
+    sr.SOPClassUID, sr.SOPInstanceUID, sr.PatientID = ComprehensiveSRStorage, "1.2.3.4", "0000"
+    with pytest.raises(ExportError) as ei:
+        scu.store(target, [sr])
+    assert not ei.value.retryable and ei.value.code == "no presentation context"
+    assert "accepted none of the proposed presentation contexts (Comprehensive SR Storage)" in str(ei.value)
+    with pytest.raises(ExportError) as ei:
+        scu.request_commitment(target, [(SecondaryCaptureImageStorage, "1.2.3")], "1.2.3.4.5")
+    assert not ei.value.retryable and ei.value.code == "commitment not supported"
+    assert received == []
+
+
+def test_qido_finds_what_orthanc_holds(orthanc):
+    target = DicomwebTarget(url=orthanc.dicomweb_url)
+    a = sc_image()
+    b = sc_image(study_uid=a.StudyInstanceUID)
+    assert stow.store(target, [a])[0].ok
+    assert stow.instance_exists(target, a.StudyInstanceUID, a.SeriesInstanceUID, a.SOPInstanceUID)
+    assert not stow.instance_exists(target, b.StudyInstanceUID, a.SeriesInstanceUID, b.SOPInstanceUID)
+    assert not stow.instance_exists(target, b.StudyInstanceUID, b.SeriesInstanceUID, b.SOPInstanceUID)
+    with pytest.raises(ExportError) as ei:
+        stow.instance_exists(DicomwebTarget(url=f"{orthanc.base}/no-such-root"), a.StudyInstanceUID,
+                             a.SeriesInstanceUID, a.SOPInstanceUID)
+    assert not ei.value.retryable and ei.value.code == "HTTP 404"
+    with pytest.raises(ExportError) as ei:
+        stow.instance_exists(DicomwebTarget(url=f"http://127.0.0.1:{free_port()}/dicom-web", timeout=3),
+                             a.StudyInstanceUID, a.SeriesInstanceUID, a.SOPInstanceUID)
+    assert ei.value.retryable
+    with pytest.raises(ExportError) as ei:
+        stow.instance_exists(target, "../x", a.SeriesInstanceUID, a.SOPInstanceUID)
+    assert not ei.value.retryable and "StudyInstanceUID" in str(ei.value)
+
+
+def test_storage_commitment_request_to_orthanc(make_orthanc):
+    """Orthanc takes a commitment request only from a modality it knows (the result goes back to it)."""
+    image = sc_image()
+    knows_us = make_orthanc(modalities={"cmr": ["CMR_AI", "127.0.0.1", free_port()]})
+    target = dimse_target(knows_us)
+    assert scu.store(target, [image])[0].ok
+    scu.request_commitment(target, [(SecondaryCaptureImageStorage, str(image.SOPInstanceUID))],
+                           "1.2.826.0.1.3680043.8.498.42", calling_ae="CMR_AI")  # accepted: no exception
+    stranger = make_orthanc()
+    with pytest.raises(ExportError) as ei:
+        scu.request_commitment(dimse_target(stranger), [(SecondaryCaptureImageStorage, "1.2.3")], "1.2.3.4",
+                               calling_ae="CMR_AI")
+    assert ei.value.retryable and ei.value.code == "no response"
+    assert "our AE title CMR_AI is not in its DicomModalities" in str(ei.value)
+    with pytest.raises(ExportError) as ei:
+        scu.request_commitment(DimseTarget(ae_title="X", host="127.0.0.1", port=free_port(), timeout=3),
+                               [(SecondaryCaptureImageStorage, "1.2.3")], "1.2.3.4")
+    assert ei.value.retryable and ei.value.code == "no association"

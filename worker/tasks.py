@@ -194,11 +194,9 @@ def report(self, result_data: dict) -> None:
             written.append((kind, str(ds.SOPInstanceUID), str(path)))
         with db.session_scope(settings.database.url) as s:
             job_row = s.get(db.Job, job_id)
-            existing = {(e.destination, e.sop_instance_uid) for e in job_row.exports}
-            for dest in job_row.destination_list:
-                for kind, uid, path in written:
-                    if (dest, uid) not in existing:
-                        s.add(db.Export(job_id=job_id, destination=dest, sop_instance_uid=uid, path=path, kind=kind))
+            # one row per object and destination; an object the destination already has
+            # (same UID, same content) is recorded as delivered without sending it again
+            outbox.enqueue(s, job_row, job_row.destination_list, written)
             record_result(s, job_row, result)
             if safety is not None and safety.criticals:  # dashboards and re-runs see it first
                 job_row.priority = max(job_row.priority or 0, 9)

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import StoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -62,6 +62,8 @@ class StoreSCP:
         ae.maximum_pdu_size = max_pdu
         ae.require_called_aet = False
         ae.add_supported_context(Verification)
+        # Storage Commitment results (N-EVENT-REPORT) for the outbox: the peer comes back as the SCP
+        ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
         for cx in StoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self.ae = ae
@@ -69,7 +71,8 @@ class StoreSCP:
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
-        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo)]
+        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo),
+                    (evt.EVT_N_EVENT_REPORT, self.handle_event_report)]
         self.server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         self.port = self.server.server_address[1]
         log.info("listening as %s on %s:%s", self.ae_title, self.host, self.port)
@@ -82,6 +85,18 @@ class StoreSCP:
     # -- handlers ----------------------------------------------------------
     def handle_echo(self, event) -> int:
         return SUCCESS
+
+    def handle_event_report(self, event):
+        """EVT_N_EVENT_REPORT: a Storage Commitment result (PS3.4 J.3.3) for the outbox. Never raises."""
+        from plugin.outbox import commitment_report
+
+        peer = f"{event.assoc.requestor.ae_title}@{event.assoc.requestor.address}"
+        try:
+            info = event.event_information
+        except Exception as e:
+            log.error("N-EVENT-REPORT from %s refused (0x%04X): cannot decode: %s", peer, PROCESSING_FAILURE, e)
+            return PROCESSING_FAILURE, None
+        return commitment_report(self.db_url, event.event_type, info, peer), None
 
     def handle_store(self, event) -> int:
         """EVT_C_STORE: store durably, index, then answer. Never raises."""
