@@ -304,6 +304,12 @@ def cmd_audit_export(args) -> int:
     return 0
 
 
+def cmd_report_show(args) -> int:
+    from plugin.reports.show import command
+
+    return command(args)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="cmr-ai", description="AI drafts for cardiac MRI, as a DICOM node.")
@@ -363,9 +369,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("out", help="output file: *.jsonl or *.parquet")
     ap.set_defaults(fn=cmd_audit_export)
 
+    sp = sub.add_parser("report", help="read SRs back (ours or any vendor's)")
+    psub = sp.add_subparsers(dest="report_cmd", required=True)
+    rp = psub.add_parser("show", help="print an SR as a readable report (--html: also write one); exit 2 for a "
+                                      "file that is not a DICOM SR")
+    rp.add_argument("files", nargs="+", metavar="FILE", help="DICOM SR file(s): ours or any vendor's")
+    rp.add_argument("--html", metavar="OUT.html", help="also write the report(s) as one self-contained HTML page")
+    rp.add_argument("--json", action="store_true", help="print a JSON list (one object per file) instead of text")
+    rp.add_argument("--tree", action="store_true", help="also show the whole content tree of TID 1500 reports")
+    rp.set_defaults(fn=cmd_report_show)
+
+    from plugin import exports as _exports  # cmr-ai exports list|retry|purge (plugin/exports.py)
+
+    _exports.add_parser(sub)
+
     if argv and argv[0] == "phantom":
         return cmd_phantom(None, argv[1:])
     args = p.parse_args(argv)
+    if args.cmd == "exports":
+        return _exports.run(args)
     return int(args.fn(args) or 0)
 
 
