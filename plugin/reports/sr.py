@@ -6,7 +6,9 @@ Two documents per study (see /work/shared/VIEWERS.md for why both):
   TID 1410 Planar ROI group per template finding: Tracking Identifier + Tracking UID, an
   Image Region on the image the finding was judged on (OHIF crashes on groups without
   one), Finding, Finding Site, the coded answer as a qualitative evaluation, the answer's
-  probability as a NUM and a Comment TEXT (DCM 121106) that OHIF uses as the label.
+  probability as a NUM (with the same region as its source: OHIF needs it there to load
+  the group into its measurement panel) and a Comment TEXT (DCM 121106) that OHIF uses
+  as the label.
   Report-level TEXT items (the "unverified AI draft" notice, impression, limitations,
   provenance) sit in the TID 1500 row 12 "Qualitative Evaluations" container, outside
   the measurement groups.
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import highdicom as hd
 import numpy as np
 import pydicom
-from highdicom.sr import (AlgorithmIdentification, ContainerContentItem,
+from highdicom.sr import (AlgorithmIdentification, ContainerContentItem, CoordinatesForMeasurement,
                           DeviceObserverIdentifyingAttributes, FindingSite, ImageRegion,
                           LanguageOfContentItemAndDescendants, Measurement, MeasurementReport,
                           ObservationContext, ObserverContext,
@@ -274,8 +276,10 @@ def _equipment(manufacturer: str, algorithm_name: str, algorithm_version: str,
     )
 
 
-def _region(image: BundleImage, ds: pydicom.Dataset, nth: int, geometry: str) -> ImageRegion:
-    """A rectangle (closed 5-point POLYLINE) or POINT on the source image (frame)."""
+def _region(image: BundleImage, ds: pydicom.Dataset, nth: int,
+            geometry: str) -> tuple[ImageRegion, CoordinatesForMeasurement]:
+    """A rectangle (closed 5-point POLYLINE) or POINT on the source image (frame): the
+    group's Image Region and the same coordinates as the Source of its measurement."""
     ref = image.source
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     multiframe = "NumberOfFrames" in ds
@@ -292,14 +296,16 @@ def _region(image: BundleImage, ds: pydicom.Dataset, nth: int, geometry: str) ->
     rows = int(getattr(ds, "Rows", 0) or ref.rows)
     cols = int(getattr(ds, "Columns", 0) or ref.columns)
     if geometry == "point":
-        data = np.array([[cols / 2.0, rows / 2.0]], dtype=np.float32)
-        return ImageRegion(graphic_type="POINT", graphic_data=data, source_image=source)
-    # nested rectangles, one per finding on the same image, so each label stays apart
-    inset = min(0.10 + 0.03 * nth, 0.40)
-    x0, x1 = cols * inset, cols * (1 - inset)
-    y0, y1 = rows * inset, rows * (1 - inset)
-    data = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
-    return ImageRegion(graphic_type="POLYLINE", graphic_data=data, source_image=source)
+        kind, data = "POINT", np.array([[cols / 2.0, rows / 2.0]], dtype=np.float32)
+    else:
+        # nested rectangles, one per finding on the same image, so each label stays apart
+        inset = min(0.10 + 0.03 * nth, 0.40)
+        x0, x1 = cols * inset, cols * (1 - inset)
+        y0, y1 = rows * inset, rows * (1 - inset)
+        kind = "POLYLINE"
+        data = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float32)
+    return (ImageRegion(graphic_type=kind, graphic_data=data, source_image=source),
+            CoordinatesForMeasurement(graphic_type=kind, graphic_data=data, source_image=source))
 
 
 def _library_images(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
@@ -401,12 +407,13 @@ def build_measurement_report(
         ds = sources[image.source.sop_instance_uid]
         nth = per_image.get(image.key, 0)
         per_image[image.key] = nth + 1
+        roi, roi_source = _region(image, ds, nth, region)
         group = PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(
                 uid=output_uid(study_uid, template.name, result.model_fingerprint, "sr",
                                "tracking", a.finding.id),
                 identifier=a.finding.id),
-            referenced_region=_region(image, ds, nth, region),
+            referenced_region=roi,
             finding_type=a.finding.concept.code,
             finding_sites=[FindingSite(a.finding.site.code)] if a.finding.site else None,
             algorithm_id=algorithm,
@@ -416,6 +423,14 @@ def build_measurement_report(
                                       value=round(a.probability, 4),
                                       unit=codes.UCUM.Ratio)],
         )
+        # OHIF 3 (dcmjs) reads a group's coordinates from inside its first NUM when the
+        # group has one, and leaves the group out of its measurement panel when that NUM
+        # has none: the probability names the region it was judged on as its source
+        # (TID 300 style INFERRED FROM SCOORD "Source"). highdicom's TID 1410 builder
+        # refuses measurement coordinates (TID 1419 has no such row; the templates are
+        # extensible), hence added here. Checked with OHIF 3.13: tests/test_viewer.py.
+        num = next(it for it in group[0].ContentSequence if it.ValueType == "NUM")
+        num.ContentSequence = [*num.get("ContentSequence", []), roi_source]
         group[0].ContentSequence.append(TextContentItem(
             name=codes.DCM.Comment, value=a.comment, relationship_type=_CONT))
         groups.append(group)
