@@ -218,6 +218,12 @@ class Orthanc:
             self._log = None
         self._http.close()
 
+    def restart(self, timeout: float = 30.0, **config: Any) -> None:
+        """Start a stopped Orthanc again on the same ports with the same storage and
+        ``config`` merged over its settings (its log starts afresh)."""
+        self._extra.update(config)
+        self._start(timeout, last=True)
+
     def __enter__(self) -> "Orthanc":
         return self
 

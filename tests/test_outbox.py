@@ -144,8 +144,7 @@ def received(orthanc: Orthanc) -> Counter:
 
 def restart(orthanc: Orthanc, **config) -> None:
     """Start a stopped Orthanc again on the same ports with the same storage (its log starts afresh)."""
-    orthanc._extra.update(config)
-    orthanc._start(30.0, last=True)
+    orthanc.restart(**config)
 
 
 def wait_for(predicate, what: str, timeout: float = 30.0):

@@ -103,7 +103,7 @@ def flag_lines(template: Template, ans: Sequence[Answer],
     review: …`` naming every critical answer, then the safety pass's lines (critical
     findings it found that the answers do not mark, ``AI SAFETY FLAG: …`` per flag)."""
     critical = [a for a in ans if a.critical]
-    out = ["CRITICAL — urgent review: " + "; ".join(a.line for a in critical)] if critical else []
+    out = ["CRITICAL — urgent review: " + "; ".join(a.answer_text for a in critical)] if critical else []
     return out + _safety_lines(template, ans, safety)
 
 

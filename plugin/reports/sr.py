@@ -85,10 +85,14 @@ class Answer:
         return self.finding.is_critical(self.option.id)
 
     @property
+    def answer_text(self) -> str:
+        """``LV systolic function: normal (p 0.62)``."""
+        return f"{self.finding.topic}: {self.option.text} (p {self.probability:.2f})"
+
+    @property
     def line(self) -> str:
-        """``LV systolic function: normal (p 0.62)`` (+ a critical marker)."""
-        text = f"{self.finding.topic}: {self.option.text} (p {self.probability:.2f})"
-        return text + (" — CRITICAL, review urgently" if self.critical else "")
+        """:attr:`answer_text` (+ a critical marker)."""
+        return self.answer_text + (" — CRITICAL, review urgently" if self.critical else "")
 
     @property
     def comment(self) -> str:
@@ -446,7 +450,7 @@ def build_measurement_report(
     if critical:
         texts.append(TextContentItem(
             name=codes.DCM.Comment, relationship_type=_CONT,
-            value="CRITICAL — urgent review: " + "; ".join(a.line for a in critical)))
+            value="CRITICAL — urgent review: " + "; ".join(a.answer_text for a in critical)))
     for line in _safety_lines(template, ans, safety):
         texts.append(TextContentItem(name=codes.DCM.Comment, value=line, relationship_type=_CONT))
     if template.impression and result.impression.strip():
@@ -535,7 +539,7 @@ def build_narrative_report(
     if critical and safety is not None:
         items.append(TextContentItem(
             name=codes.DCM.Comment, relationship_type=_CONT,
-            value="CRITICAL — urgent review: " + "; ".join(a.line for a in critical)))
+            value="CRITICAL — urgent review: " + "; ".join(a.answer_text for a in critical)))
     for line in _safety_lines(template, ans, safety):
         items.append(TextContentItem(name=codes.DCM.Comment, value=line, relationship_type=_CONT))
     findings = ContainerContentItem(name=codes.DCM.Findings, is_content_continuous=False,
