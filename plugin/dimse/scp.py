@@ -3,14 +3,14 @@
 The C-STORE handler stores and indexes, nothing else: it writes the dataset *as
 received* (``event.encoded_dataset()``: no decoding and re-encoding of pixel
 data, compressed transfer syntaxes kept), fsyncs and renames it into the store,
-indexes it in the database, and only then answers Success. Every failure becomes
-a named DIMSE status and a log line naming the tag; the handler never raises.
+indexes it in the database (group commit, :mod:`plugin.ingest`), and only then
+answers Success. Every failure becomes a named DIMSE status and a log line naming
+the tag; the handler never raises.
 """
 from __future__ import annotations
 
 import errno
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -18,10 +18,8 @@ from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 
-from plugin import db
+from plugin.ingest import Indexer, IndexRequest
 from plugin.storage import BadUID, InstanceStore, check_uid
 
 log = logging.getLogger("cmr_ai.scp")
@@ -57,7 +55,7 @@ class StoreSCP:
         self.ae_title, self.host, self.port = ae_title, host, port
         self.store, self.db_url = store, db_url
         self.on_stored = on_stored
-        self._index_lock = threading.Lock()  # SQLite: one writer; serialise index commits
+        self.indexer = Indexer(db_url)  # group commit of the index (plugin/ingest.py)
         ae = AE(ae_title=ae_title)
         ae.maximum_pdu_size = max_pdu
         ae.require_called_aet = False
@@ -153,11 +151,10 @@ class StoreSCP:
                       type(e).__name__, e)
             return CANNOT_UNDERSTAND
         try:
-            with self._index_lock:
-                self._index(study_uid, series_uid, sop_uid, sop_class, str(event.context.transfer_syntax),
-                            str(path), len(data), info, series_number, assoc.requestor.ae_title,
-                            assoc.requestor.address)
-        except SQLAlchemyError as e:
+            self.indexer.index(IndexRequest(study_uid, series_uid, sop_uid, sop_class,
+                                            str(event.context.transfer_syntax), str(path), len(data), info,
+                                            series_number, assoc.requestor.ae_title, assoc.requestor.address))
+        except Exception as e:  # noqa: BLE001 — SQLAlchemyError, a timeout …: nothing acknowledged
             log.error("C-STORE %s from %s failed (0x%04X): cannot index in the database: %s", sop_uid, peer,
                       OUT_OF_RESOURCES, e)
             return OUT_OF_RESOURCES
@@ -167,39 +164,3 @@ class StoreSCP:
             except Exception:  # listeners must not break the store
                 log.exception("on_stored listener failed")
         return SUCCESS
-
-    def _index(self, study_uid, series_uid, sop_uid, sop_class, ts, path, size, info, series_number,
-               calling_ae, address) -> None:
-        now = db.utcnow()
-        with db.session_scope(self.db_url) as s:
-            study = s.scalar(select(db.Study).where(db.Study.study_instance_uid == study_uid))
-            if study is None:
-                study = db.Study(study_instance_uid=study_uid, patient_id=info["PatientID"],
-                                 study_description=info["StudyDescription"],
-                                 accession_number=info["AccessionNumber"], calling_ae=str(calling_ae)[:16],
-                                 source_ip=str(address)[:64], first_received=now)
-                s.add(study)
-                s.flush()
-            series = s.scalar(select(db.Series).where(db.Series.series_instance_uid == series_uid))
-            if series is None:
-                series = db.Series(study_id=study.id, series_instance_uid=series_uid, modality=info["Modality"],
-                                   series_description=info["SeriesDescription"], series_number=series_number)
-                s.add(series)
-                s.flush()
-            inst = s.scalar(select(db.Instance).where(db.Instance.sop_instance_uid == sop_uid))
-            if inst is None:
-                s.add(db.Instance(series_id=series.id, sop_instance_uid=sop_uid, sop_class_uid=sop_class,
-                                  transfer_syntax_uid=ts, path=path, size=size, received_at=now))
-                study.n_instances = (study.n_instances or 0) + 1
-            else:  # duplicate SOP Instance UID: the new copy replaced the file; keep one row
-                log.warning("duplicate SOPInstanceUID %s received again: stored copy replaced", sop_uid)
-                inst.size, inst.transfer_syntax_uid, inst.received_at = size, ts, now
-            own_output = s.scalar(select(db.Export.id).where(db.Export.sop_instance_uid == sop_uid,
-                                                             db.Export.kind != "original").limit(1))
-            if own_output is None:  # our own SR/SC coming back must not re-open the study (a forwarded
-                # original sent again by the modality is new data and does)
-                study.last_received = now
-                if study.state != db.StudyState.RECEIVING:
-                    log.info("study %s received new instances after it was %s: re-opened", study_uid,
-                             study.state.value)
-                    study.state = db.StudyState.RECEIVING
