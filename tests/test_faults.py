@@ -141,3 +141,65 @@ def test_kill_9_mid_study_loses_no_acknowledged_instance(tmp_path, demo_model_di
                 node.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs for the store (needs root, as `make test` runs in CI)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill the disk needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_gets_a700_no_partial_file_and_the_node_keeps_serving(tmp_path, small_disk, caplog):
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from plugin.dimse.scp import OUT_OF_RESOURCES, StoreSCP
+    from plugin.storage import InstanceStore
+    from test_scp import mr_dataset
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"  # the database is on another disk
+    scp = StoreSCP(ae_title="CMR_AI", host="127.0.0.1", port=0, store=InstanceStore(small_disk / "store"), db_url=url)
+    scp.start()
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (1024 * 1024 - 300 * 1024))  # ~300 KiB left: two 128 KiB instances fit
+    study = generate_uid()
+    datasets = [mr_dataset(study_uid=study, rows=256) for _ in range(5)]
+    for ds in datasets:  # 128 KiB of pixels each
+        ds.PixelData = os.urandom(256 * 256 * 2)
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", ExplicitVRLittleEndian)
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    try:
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="CMR_AI")
+        assert assoc.is_established
+        statuses = [assoc.send_c_store(ds).Status for ds in datasets]
+        assert statuses[:2] == [0, 0] and OUT_OF_RESOURCES in statuses[2:], [hex(s) for s in statuses]
+        assert "cannot write to the store" in caplog.text and "(disk full)" in caplog.text
+        # nothing partial: only the acknowledged instances are in the store, whole, and in the index
+        files = sorted(p for p in (small_disk / "store").rglob("*") if p.is_file())
+        acked = {str(ds.SOPInstanceUID) for ds, st in zip(datasets, statuses) if st == 0}
+        assert {p.stem for p in files} == acked, files  # no .incoming-*.tmp left behind
+        for p in files:
+            assert pydicom.dcmread(p).PixelData == next(d for d in datasets if d.SOPInstanceUID == p.stem).PixelData
+        assert set(stored_in(url)) == acked
+        # the node keeps serving: room again → the refused ones go in on the same association
+        filler.unlink()
+        refused = [ds for ds, st in zip(datasets, statuses) if st != 0]
+        assert [assoc.send_c_store(ds).Status for ds in refused] == [0] * len(refused)
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert set(stored_in(url)) == {str(d.SOPInstanceUID) for d in datasets}
+    finally:
+        scp.stop()
+
+
+def stored_in(url: str) -> list[str]:
+    with db.session_scope(url) as s:
+        return list(s.scalars(select(db.Instance.sop_instance_uid)).all())
