@@ -56,6 +56,9 @@ class NodeConfig(_Strict):
 class StorageConfig(_Strict):
     path: str = "./var/dicom"
     fsync: bool = True
+    # a SOP Instance UID received again with *different* content: the new copy replaces
+    # the stored one, or the first copy is kept (identical copies are never rewritten)
+    duplicates: Literal["replace", "keep"] = "replace"
 
 
 class DatabaseConfig(_Strict):

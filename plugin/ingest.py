@@ -48,6 +48,7 @@ class IndexRequest:
     series_number: Optional[int]
     calling_ae: str
     address: str
+    file_changed: bool = True  # False: a duplicate whose stored file was left as it was
     future: Future = field(default_factory=Future)
 
 
@@ -159,10 +160,10 @@ class Indexer:
             for r in batch:
                 sid = self._studies.get(r.study_uid) or new_studies[r.study_uid]
                 ser = self._series.get(r.series_uid) or new_series[r.series_uid]
-                if r.sop_uid in existing or r.sop_uid in seen:
-                    log.warning("duplicate SOPInstanceUID %s received again: stored copy replaced", r.sop_uid)
-                    s.execute(update(inst_t).where(inst_t.c.sop_instance_uid == r.sop_uid).values(
-                        size=r.size, transfer_syntax_uid=r.transfer_syntax, received_at=now))
+                if r.sop_uid in existing or r.sop_uid in seen:  # one row per SOP Instance UID
+                    if r.file_changed:
+                        s.execute(update(inst_t).where(inst_t.c.sop_instance_uid == r.sop_uid).values(
+                            size=r.size, transfer_syntax_uid=r.transfer_syntax, received_at=now))
                 else:
                     seen.add(r.sop_uid)
                     rows.append(dict(series_id=ser, sop_instance_uid=r.sop_uid, sop_class_uid=r.sop_class,

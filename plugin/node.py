@@ -76,7 +76,8 @@ class Node:
         self.settings = settings
         self.poll = poll
         self.start_worker = settings.queue.broker == "embedded" if start_worker is None else start_worker
-        self.store = InstanceStore(settings.storage.path, fsync=settings.storage.fsync)
+        self.store = InstanceStore(settings.storage.path, fsync=settings.storage.fsync,
+                                   duplicates=settings.storage.duplicates)
         self.scp = StoreSCP(ae_title=settings.node.ae_title, host=settings.node.host, port=settings.node.port,
                             store=self.store, db_url=settings.database.url, max_pdu=settings.node.max_pdu)
         self._stop = threading.Event()

@@ -64,9 +64,12 @@ def write_atomic(path: Path, data: bytes | memoryview, *, fsync: bool = True) ->
 class InstanceStore:
     """``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``."""
 
-    def __init__(self, root: str | Path, *, fsync: bool = True):
+    def __init__(self, root: str | Path, *, fsync: bool = True, duplicates: str = "replace"):
+        if duplicates not in ("replace", "keep"):
+            raise ValueError(f"duplicates must be 'replace' or 'keep', not {duplicates!r}")
         self.root = Path(root)
         self.fsync = fsync
+        self.duplicates = duplicates
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
@@ -76,13 +79,31 @@ class InstanceStore:
         return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
 
     def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes | memoryview) -> Path:
+        return self.store_instance(study_uid, series_uid, sop_uid, data)[0]
+
+    def store_instance(self, study_uid: str, series_uid: str, sop_uid: str,
+                       data: bytes | memoryview) -> tuple[Path, str]:
+        """Store durably; returns the path and what happened: ``new``, ``identical`` (the
+        same bytes are already stored: nothing written), ``replaced`` or ``kept`` (a
+        different copy was already stored; the ``duplicates`` policy decided)."""
         path = self.path_for(study_uid, series_uid, sop_uid)
+        outcome = "new"
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        if size is not None:
+            if size == len(data) and path.read_bytes() == bytes(data):
+                return path, "identical"
+            if self.duplicates == "keep":
+                return path, "kept"
+            outcome = "replaced"
         new_dirs = not path.parent.exists()
         write_atomic(path, data, fsync=self.fsync)
         if new_dirs and self.fsync:  # make the new directory entries durable too
             fsync_dir(path.parent.parent)
             fsync_dir(self.root)
-        return path
+        return path, outcome
 
     def cleanup_temp(self) -> int:
         """Remove temp files left by a crash mid-write (never acknowledged). Returns the count."""

@@ -153,19 +153,44 @@ def test_broken_element_length_is_refused_and_node_keeps_serving(scp, caplog):
         assoc.release()
 
 
-def test_duplicate_sop_instance_keeps_one_row(scp):
-    node, url, tmp = scp
+@pytest.mark.parametrize("policy", ["replace", "keep"])
+def test_duplicate_sop_instance_follows_the_policy_and_keeps_one_row(tmp_path, policy, caplog):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    node = StoreSCP(ae_title="CMR_AI", host="127.0.0.1", port=0, db_url=url,
+                    store=InstanceStore(tmp_path / "store", duplicates=policy))
+    node.start()
     ds = mr_dataset()
     assoc = _assoc(node.port)
     try:
         assert assoc.send_c_store(ds).Status == 0
+        path = next((tmp_path / "store").rglob("*.dcm"))
+        first = path.stat()
+        assert assoc.send_c_store(ds).Status == 0  # identical: nothing rewritten
+        assert path.stat().st_ino == first.st_ino and path.stat().st_mtime_ns == first.st_mtime_ns
+        assert "identical content: nothing rewritten" in caplog.text
         ds.PatientID = "CHANGED"
-        assert assoc.send_c_store(ds).Status == 0
+        assert assoc.send_c_store(ds).Status == 0  # different content: the policy decides
     finally:
         assoc.release()
+        node.stop()
     with db.session_scope(url) as s:
-        assert len(s.scalars(select(db.Instance)).all()) == 1
-    assert pydicom.dcmread(next((tmp / "store").rglob("*.dcm"))).PatientID == "CHANGED"
+        rows = s.scalars(select(db.Instance)).all()
+        assert len(rows) == 1 and rows[0].size == path.stat().st_size
+    stored = pydicom.dcmread(path).PatientID
+    if policy == "replace":
+        assert stored == "CHANGED" and "the stored copy was replaced" in caplog.text
+    else:
+        assert stored == "P1" and "the first copy was kept" in caplog.text
+
+
+def test_duplicates_policy_is_validated(tmp_path):
+    from plugin.config import ConfigError, load_settings
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("storage:\n  path: ./x\n  duplicates: overwrite\n")
+    with pytest.raises(ConfigError) as ei:
+        load_settings(cfg)
+    assert any(e.startswith(f"{cfg}:3: storage.duplicates:") for e in ei.value.errors), ei.value.errors
 
 
 @pytest.mark.parametrize("uid", ["", "1.2.", "01.2", "1.2.3a", "1." + "2" * 70, "../../etc"])

@@ -140,7 +140,7 @@ class StoreSCP:
             return DATASET_MISMATCH
         try:
             data = event.encoded_dataset(include_meta=True)
-            path = self.store.store(study_uid, series_uid, sop_uid, data)
+            path, outcome = self.store.store_instance(study_uid, series_uid, sop_uid, data)
         except OSError as e:
             status = OUT_OF_RESOURCES
             log.error("C-STORE %s from %s failed (0x%04X): cannot write to the store: %s%s", sop_uid, peer,
@@ -150,10 +150,16 @@ class StoreSCP:
             log.error("C-STORE %s from %s refused (0x%04X): %s: %s", sop_uid, peer, CANNOT_UNDERSTAND,
                       type(e).__name__, e)
             return CANNOT_UNDERSTAND
+        if outcome != "new":
+            log.warning("C-STORE %s from %s: SOP Instance UID received again%s", sop_uid, peer, {
+                "identical": " with identical content: nothing rewritten",
+                "replaced": " with different content: the stored copy was replaced (storage.duplicates: replace)",
+                "kept": " with different content: the first copy was kept (storage.duplicates: keep)"}[outcome])
         try:
             self.indexer.index(IndexRequest(study_uid, series_uid, sop_uid, sop_class,
                                             str(event.context.transfer_syntax), str(path), len(data), info,
-                                            series_number, assoc.requestor.ae_title, assoc.requestor.address))
+                                            series_number, assoc.requestor.ae_title, assoc.requestor.address,
+                                            file_changed=outcome in ("new", "replaced")))
         except Exception as e:  # noqa: BLE001 — SQLAlchemyError, a timeout …: nothing acknowledged
             log.error("C-STORE %s from %s failed (0x%04X): cannot index in the database: %s", sop_uid, peer,
                       OUT_OF_RESOURCES, e)
