@@ -156,10 +156,12 @@ class Indexer:
                     db.Export.sop_instance_uid.in_(maybe_own), db.Export.kind != "original")).all())
             added: dict[int, int] = {}
             touched: set[int] = set()
+            study_uid_of: dict[int, str] = {}
             rows, seen = [], set()
             for r in batch:
                 sid = self._studies.get(r.study_uid) or new_studies[r.study_uid]
                 ser = self._series.get(r.series_uid) or new_series[r.series_uid]
+                study_uid_of[sid] = r.study_uid
                 if r.sop_uid in existing or r.sop_uid in seen:  # one row per SOP Instance UID
                     if r.file_changed:
                         s.execute(update(inst_t).where(inst_t.c.sop_instance_uid == r.sop_uid).values(
@@ -183,7 +185,7 @@ class Indexer:
                     state = s.scalar(select(studies_t.c.state).where(studies_t.c.id == sid))
                     if state != db.StudyState.RECEIVING:
                         log.info("study %s received new instances after it was %s: re-opened",
-                                 next(u for u, i in {**self._studies, **new_studies}.items() if i == sid),
+                                 study_uid_of[sid],
                                  getattr(state, "value", state))
                         values["state"] = db.StudyState.RECEIVING
                 s.execute(update(studies_t).where(studies_t.c.id == sid).values(**values))

@@ -70,8 +70,10 @@ def node(tmp_path, orthanc, demo_model_dir):
     yield from run_node(tmp_path, orthanc, demo_model_dir)
 
 
-def run_node(tmp_path, orthanc, model_dir):
-    port = free_port()
+def start_serve(tmp_path, port: int, model_dir, destinations: str, rules: str) -> subprocess.Popen:
+    """Write ``tmp_path/config.yaml`` (embedded defaults under ``tmp_path/var``, the demo model,
+    the given ``destinations:`` and ``rules:`` YAML bodies) and start ``cmr-ai serve`` on
+    ``port`` in its own process group, logging to ``tmp_path/node.log`` (appended)."""
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"""
 node: {{ae_title: CMR_AI, host: 127.0.0.1, port: {port}}}
@@ -80,27 +82,38 @@ database: {{url: "sqlite:///{tmp_path / 'var' / 'cmr-ai.db'}"}}
 queue: {{broker: embedded}}
 models: {{demo: {{path: "{model_dir}", quantization: nf4}}}}
 destinations:
-  pacs: {{dimse: {{ae_title: {orthanc.aet}, host: 127.0.0.1, port: {orthanc.port}}}}}
-  pacs-web: {{dicomweb: {{url: "{orthanc.dicomweb_url}"}}}}
+{destinations}
 rules:
+{rules}
+""")
+    log = open(tmp_path / "node.log", "a")
+    proc = subprocess.Popen([sys.executable, "-m", "plugin.cli", "serve", "--config", str(cfg)],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            start_new_session=True)
+    log.close()  # the child has its own copy of the descriptor
+    return proc
+
+
+def run_node(tmp_path, orthanc, model_dir):
+    port = free_port()
+    destinations = f"""\
+  pacs: {{dimse: {{ae_title: {orthanc.aet}, host: 127.0.0.1, port: {orthanc.port}}}}}
+  pacs-web: {{dicomweb: {{url: "{orthanc.dicomweb_url}"}}}}"""
+    rules = """\
   - name: cardiac-over-web
-    match: {{Modality: MR, StudyDescription: "(?i)cardiac.*web"}}
+    match: {Modality: MR, StudyDescription: "(?i)cardiac.*web"}
     stable_after: 2
     template: cmr_standard
     model: demo
     send_to: [pacs-web]
   - name: cardiac-mr
-    match: {{Modality: MR, StudyDescription: "(?i)card|heart|cmr"}}
+    match: {Modality: MR, StudyDescription: "(?i)card|heart|cmr"}
     stable_after: 2
     template: cmr_standard
     model: demo
     send_to: [pacs]
-  - {{name: everything-else, match: {{}}, action: ignore}}
-""")
-    log = open(tmp_path / "node.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "plugin.cli", "serve", "--config", str(cfg)],
-                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                            start_new_session=True)
+  - {name: everything-else, match: {}, action: ignore}"""
+    proc = start_serve(tmp_path, port, model_dir, destinations, rules)
     try:
         _wait_port(port, proc)
         yield {"port": port, "db": f"sqlite:///{tmp_path / 'var' / 'cmr-ai.db'}", "log": tmp_path / "node.log",
@@ -111,7 +124,6 @@ rules:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
         print((tmp_path / "node.log").read_text()[-6000:])
 
 

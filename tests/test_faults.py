@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,26 +25,13 @@ from sqlalchemy import select
 from peers import free_port
 from plugin import db
 from plugin.phantom import write_study
-from test_e2e import _wait_port
+from test_e2e import _wait_port, start_serve
 
 
 def start_node(tmp_path: Path, port: int, model_dir) -> subprocess.Popen:
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"""
-node: {{ae_title: CMR_AI, host: 127.0.0.1, port: {port}}}
-storage: {{path: {tmp_path / 'var' / 'dicom'}}}
-database: {{url: "sqlite:///{tmp_path / 'var' / 'cmr-ai.db'}"}}
-queue: {{broker: embedded}}
-models: {{demo: {{path: "{model_dir}", quantization: nf4}}}}
-destinations:
-  out: {{folder: {tmp_path / 'out'}}}
-rules:
-  - {{name: cardiac, match: {{Modality: MR}}, stable_after: 20, template: lv_function, model: demo, send_to: [out]}}
-""")
-    log = open(tmp_path / "node.log", "a")
-    proc = subprocess.Popen([sys.executable, "-m", "plugin.cli", "serve", "--config", str(cfg)], stdout=log,
-                            stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                            start_new_session=True)
+    proc = start_serve(tmp_path, port, model_dir, f"  out: {{folder: {tmp_path / 'out'}}}",
+                       "  - {name: cardiac, match: {Modality: MR}, stable_after: 20, template: lv_function, "
+                       "model: demo, send_to: [out]}")
     _wait_port(port, proc)
     return proc
 
