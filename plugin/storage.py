@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,41 @@ def check_uid(value: object, keyword: str) -> str:
     if len(uid) > 64 or not UID_RE.match(uid):
         raise BadUID(f"{keyword} {uid[:80]!r} is not a valid UID")
     return uid
+
+
+def _meta_element(group_elem: int, vr: bytes, value: bytes) -> bytes:
+    """One Explicit VR Little Endian element of group 0002 (short-length VRs, and OB)."""
+    tag = struct.pack("<HH", group_elem >> 16, group_elem & 0xFFFF)
+    if vr == b"OB":
+        return tag + b"OB\x00\x00" + struct.pack("<I", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    v = uid.encode("ascii")
+    return v + b"\x00" if len(v) % 2 else v
+
+
+def part10_header(sop_class: str, sop_uid: str, transfer_syntax: str, implementation_uid: str,
+                  implementation_version: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information (PS3.10 §7.1) for a received dataset.
+
+    Byte for byte what pydicom's ``write_file_meta_info`` writes for the same elements
+    (pynetdicom's ``Event.encoded_dataset(include_meta=True)``), built by hand: through
+    pydicom it cost ~0.4 ms per instance, a twentieth of the node's whole C-STORE.
+    """
+    version = implementation_version.encode("ascii")
+    if len(version) % 2:
+        version += b" "
+    body = b"".join((
+        _meta_element(0x00020001, b"OB", b"\x00\x01"),
+        _meta_element(0x00020002, b"UI", _uid_value(sop_class)),
+        _meta_element(0x00020003, b"UI", _uid_value(sop_uid)),
+        _meta_element(0x00020010, b"UI", _uid_value(transfer_syntax)),
+        _meta_element(0x00020012, b"UI", _uid_value(implementation_uid)),
+        _meta_element(0x00020013, b"SH", version),
+    ))
+    return b"\x00" * 128 + b"DICM" + _meta_element(0x00020000, b"UL", struct.pack("<I", len(body))) + body
 
 
 def fsync_dir(path: Path) -> None:

@@ -107,3 +107,32 @@ def test_duplicates_reopen_and_own_outputs(url):
     assert counts(url)[0] == {"1.2.3": (3, db.StudyState.COMPLETE)}
     ix.index(req(4))  # a new image from the modality re-opens it
     assert counts(url)[0] == {"1.2.3": (4, db.StudyState.RECEIVING)}
+
+
+def test_a_new_file_whose_row_exists_is_indexed_by_the_lookup_path(url):
+    """``is_new`` (the store had no file) skips the row lookup; a row left behind by a file
+    deleted by hand makes the INSERT fail, and the request is retried with the lookup."""
+    ix = Indexer(url)
+    ix.index(req(1))
+    r = req(1)
+    r.is_new = True
+    r.size = 4242
+    ix.index(r)
+    studies, n, _ = counts(url)
+    assert n == 1 and studies["1.2.3"][0] == 1
+    with db.session_scope(url) as s:
+        assert s.scalar(select(db.Instance.size)) == 4242
+
+
+def test_part10_header_is_what_pydicom_writes():
+    """The hand-built File Meta Information equals pydicom's encoding of pynetdicom's meta."""
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID as IMPL, PYNETDICOM_IMPLEMENTATION_VERSION as VER
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from plugin.storage import part10_header
+
+    for sop_class, sop, ts in ((MR, "1.2.3.45", "1.2.840.10008.1.2.1"),
+                               (SR, "1.2.3.4", "1.2.840.10008.1.2.4.50"),
+                               ("1.2.840.10008.5.1.4.1.1.4.1", "2.25.1", "1.2.840.10008.1.2")):
+        meta = create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop, transfer_syntax=ts)
+        assert part10_header(sop_class, sop, ts, IMPL, VER) == b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
