@@ -200,3 +200,50 @@ def test_uid_syntax_is_checked_before_building_paths(uid, tmp_path):
     with pytest.raises(BadUID):
         InstanceStore(tmp_path).path_for(uid or "..", "1.2", "1.3")
     assert check_uid("1.2.840.10008.0", "x") == "1.2.840.10008.0"
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "db.sqlite" not in p.name}
+
+
+@pytest.mark.parametrize("attr", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+def test_path_traversal_uid_gets_a_failure_status_and_writes_nothing(scp, caplog, attr):
+    """A UID such as ``../../x`` never becomes a path: the C-STORE is refused naming the
+    attribute, nothing is written (inside or outside the store) and nothing is indexed."""
+    node, url, tmp = scp
+    before = _tree(tmp.parent)
+    ds = mr_dataset()
+    setattr(ds, attr, "../../" + ("x" if attr != "SOPInstanceUID" else "escaped"))
+    assoc = _assoc(node.port)
+    with caplog.at_level(logging.ERROR, logger="cmr_ai.scp"):
+        try:
+            status = assoc.send_c_store(ds)
+        finally:
+            assoc.release()
+    assert status.Status == CANNOT_UNDERSTAND
+    tag = {"StudyInstanceUID": "(0020,000D)", "SeriesInstanceUID": "(0020,000E)",
+           "SOPInstanceUID": "(0000,1000) AffectedSOPInstanceUID"}[attr]
+    assert tag in caplog.text and "is not a valid UID" in caplog.text
+    assert _tree(tmp.parent) == before  # nothing new anywhere under the test's parent folder
+    with db.session_scope(url) as s:
+        assert s.scalars(select(db.Instance)).all() == []
+
+
+def test_path_traversal_uid_from_dcmtk_storescu_is_refused(scp, tmp_path):
+    """The same with a real modality tool: dcmtk's storescu sends a file whose SOP Instance
+    UID is ``../../../evil``; the node answers a failure status and writes nothing."""
+    import subprocess
+
+    node, url, tmp = scp
+    ds = mr_dataset()
+    ds.SOPInstanceUID = "../../../evil"
+    src = tmp_path / "send" / "evil.dcm"
+    src.parent.mkdir()
+    src.write_bytes(file_bytes(ds))
+    before = _tree(tmp.parent)
+    r = subprocess.run(["/usr/bin/storescu", "-v", "-aec", "CMR_AI", "127.0.0.1", str(node.port), str(src)],
+                       capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    assert "Received Store Response (Error: CannotUnderstand)" in out, out
+    assert _tree(tmp.parent) == before
+    assert [p for p in tmp.parent.rglob("evil*") if p != src] == []
