@@ -75,35 +75,79 @@ def create_forward_job(s, study: db.Study, action: RuleAction, rules_version: Op
 
 
 def launch(settings: Settings, job_id: int, priority: int = 5) -> str:
-    """Send the job's chain to the broker and record its id."""
+    """Send the job's chain to the broker; returns the chain id, recorded in ``Job.celery_id``.
+
+    The chain id (the task id of its ``prepare``, which Celery passes on as
+    ``root_id`` to ``infer`` and ``report``) is recorded *before* the chain is sent,
+    so that a worker never sees a chain the database does not know yet. Only the
+    chain whose id the job row holds may move the job (:func:`set_state`): a chain
+    sent again — by recovery, or after the embedded worker was lost — supersedes the
+    earlier one, and a message of the earlier chain that comes back (a redelivery,
+    a send that timed out but got through) changes nothing.
+
+    Raises
+    ------
+    Exception
+        Whatever the broker client raises when the chain cannot be sent (broker
+        down): the job's ``celery_id`` is cleared again, so the node's stale-QUEUED
+        pass sends it later.
+    """
+    from celery.utils import uuid
+
     from worker.app import configure
     from worker.tasks import infer, prepare, report
 
     configure(settings)
-    sig = chain(prepare.si(job_id).set(queue="node", priority=priority),
+    chain_id = uuid()
+    sig = chain(prepare.si(job_id).set(queue="node", priority=priority, task_id=chain_id),
                 infer.s().set(queue="gpu", priority=priority),
                 report.s().set(queue="node", priority=priority))
-    res = sig.apply_async()
     with db.session_scope(settings.database.url) as s:
         job = s.get(db.Job, job_id)
-        job.celery_id = res.id
-    log.info("job %s: chain sent (%s)", job_id, res.id)
-    return res.id
+        job.celery_id = chain_id
+    try:
+        sig.apply_async()
+    except Exception:
+        with db.session_scope(settings.database.url) as s:
+            job = s.get(db.Job, job_id)
+            if job is not None and job.celery_id == chain_id:
+                job.celery_id = None
+        raise
+    log.info("job %s: chain sent (%s)", job_id, chain_id)
+    return chain_id
 
 
-def fail(settings: Settings, job_id: int, reason: str) -> None:
+def superseded(job: db.Job, chain_id: Optional[str]) -> bool:
+    """True when a task of chain ``chain_id`` may no longer move ``job``: a newer chain was sent."""
+    return bool(chain_id) and job.celery_id is not None and job.celery_id != chain_id
+
+
+def fail(settings: Settings, job_id: int, reason: str, *, chain_id: Optional[str] = None) -> None:
+    """Mark the job FAILED with ``reason`` (unless ``chain_id`` was superseded by a newer chain)."""
     with db.session_scope(settings.database.url) as s:
         job = s.get(db.Job, job_id)
-        if job is not None:
-            job.state, job.error = db.JobState.FAILED, reason[:4000]
+        if job is None:
+            return
+        if superseded(job, chain_id):
+            log.info("job %s: chain %s was superseded by %s: its failure (%s) is ignored", job_id, chain_id,
+                     job.celery_id, reason[:200])
+            return
+        job.state, job.error = db.JobState.FAILED, reason[:4000]
     log.error("job %s failed: %s", job_id, reason)
 
 
-def set_state(settings: Settings, job_id: int, state: db.JobState, *, only_if_unfinished: bool = True) -> Optional[db.Job]:
-    """Move a job to ``state``; returns None (and changes nothing) when it is already finished."""
+def set_state(settings: Settings, job_id: int, state: db.JobState, *, only_if_unfinished: bool = True,
+              chain_id: Optional[str] = None) -> Optional[db.Job]:
+    """Move a job to ``state``; returns the job (detached), or None (changing nothing) when it is
+    already finished or gone, or when ``chain_id`` (the calling task's ``root_id``) is not the
+    job's current chain (:func:`launch`)."""
     with db.session_scope(settings.database.url) as s:
         job = s.get(db.Job, job_id)
         if job is None or (only_if_unfinished and job.state.finished):
+            return None
+        if superseded(job, chain_id):
+            log.info("job %s: chain %s was superseded by %s: not moving it to %s", job_id, chain_id,
+                     job.celery_id, state.value)
             return None
         job.state = state
         if state == db.JobState.PREPARING:
@@ -113,8 +157,17 @@ def set_state(settings: Settings, job_id: int, state: db.JobState, *, only_if_un
         return job
 
 
-def recover(settings: Settings) -> list[int]:
-    """Re-send every job the database says is unfinished (start-up recovery). Returns their ids."""
+def recover(settings: Settings, *, flush_outbox: bool = True) -> list[int]:
+    """Re-send every job the database says is unfinished; returns their ids.
+
+    Run at start-up, and by the node when its embedded worker — the only consumer
+    of the embedded broker — was lost (a SIGKILL leaves the message it held
+    unacknowledged, and kombu's SQLAlchemy transport never delivers it again).
+    QUEUED, PREPARING, INFERRING and REPORTING jobs get a new chain (which
+    supersedes any earlier one, :func:`launch`); EXPORTING jobs and forward jobs
+    are finished by the outbox, flushed here once (unless ``flush_outbox`` is False:
+    the node's outbox loop does it anyway).
+    """
     from plugin import outbox
 
     relaunch: list[tuple[int, int]] = []
@@ -127,5 +180,6 @@ def recover(settings: Settings) -> list[int]:
     for jid, prio in relaunch:
         log.info("recovery: job %s was unfinished; sending it again", jid)
         launch(settings, jid, prio)
-    outbox.flush(settings)
+    if flush_outbox:
+        outbox.flush(settings)
     return [j for j, _ in relaunch]

@@ -8,15 +8,21 @@ broker that needs no server.
 Delivery settings (STYLE.md §8): ``acks_late`` + ``reject_on_worker_lost`` so a
 task whose worker dies is redelivered, ``prefetch_multiplier=1`` so a busy GPU
 worker does not hoard jobs. No result backend: the chain passes results in its
-messages and the database records job state.
+messages and the database records job state. The pool is Celery's prefork pool
+with one fix (:class:`PreforkPool`): a pool process SIGKILLed while idle no longer
+hangs the worker. A worker whose broker went away reconnects for as long as it
+takes (``tests/test_faults_jobs.py`` kills pool processes, workers and Redis).
 """
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Optional
 
+import billiard.pool
 from celery import Celery
+from celery.concurrency import prefork
 
 from plugin.config import Settings, load_settings
 
@@ -40,8 +46,57 @@ app.conf.update(
     },
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
+    # a worker whose broker went away reconnects until it is back (Celery's default gives up
+    # after 100 tries, ~45 min, and the worker exits); the node's sends fail fast instead
+    # (task_publish_retry_policy) and the job waits QUEUED in the database
+    broker_connection_max_retries=None,
     worker_send_task_events=False,
+    worker_pool="worker.app:PreforkPool",
 )
+
+
+class _PoolProcess(billiard.pool.Worker):
+    """A pool process that holds the shared task queue's read lock only while it reads a task.
+
+    billiard's own waits for the next task *inside* the lock (a blocking read). A pool
+    process SIGKILLed while idle — the OOM killer's first pick, as it holds the model —
+    takes the lock with it, and its replacement waits for it forever: the worker hangs
+    with tasks received and none run (celery/celery#2011). This one polls the pipe
+    outside the lock (the 1 s timeout billiard already asks for) and takes the lock
+    only to read a task that is there.
+    """
+
+    def _make_recv_method(self, conn):
+        lock, reader = getattr(conn, "_rlock", None), getattr(conn, "_reader", None)
+        if lock is None or reader is None:
+            return super()._make_recv_method(conn)
+
+        def _recv(timeout, loads=pickle.loads):
+            if not reader.poll(timeout):
+                return False, None
+            with lock:
+                if not reader.poll(0):  # another pool process took it
+                    return False, None
+                return True, loads(reader.recv_bytes())
+
+        return _recv
+
+
+class _BlockingPool(billiard.pool.Pool):
+    Worker = _PoolProcess
+
+
+class PreforkPool(prefork.TaskPool):
+    """Celery's prefork pool whose processes survive a SIGKILLed sibling (:class:`_PoolProcess`).
+
+    The blocking pool (one task queue shared by the pool processes) is what Celery
+    uses with brokers that have no event loop, such as the embedded SQLite broker;
+    its asynchronous pool (Redis, RabbitMQ) gives each process its own queue and is
+    left as it is.
+    """
+
+    BlockingPool = _BlockingPool
+
 
 _settings: Optional[Settings] = None
 

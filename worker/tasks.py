@@ -36,6 +36,7 @@ def job_stage(task, settings, job_id: int, stage: str):
 
     from plugin import jobs
 
+    chain_id = task.request.root_id
     try:
         yield
     except (Ignore, Retry):
@@ -44,11 +45,11 @@ def job_stage(task, settings, job_id: int, stage: str):
         log.warning("%s: job %s: database error, retrying: %s", stage, job_id, e)
         raise task.retry(exc=e, countdown=5, max_retries=5)
     except SoftTimeLimitExceeded:
-        jobs.fail(settings, job_id, f"{stage}: time limit exceeded")
+        jobs.fail(settings, job_id, f"{stage}: time limit exceeded", chain_id=chain_id)
         raise Ignore()
     except Exception as e:
         log.exception("%s: job %s failed", stage, job_id)
-        jobs.fail(settings, job_id, f"{stage}: {type(e).__name__}: {e}")
+        jobs.fail(settings, job_id, f"{stage}: {type(e).__name__}: {e}", chain_id=chain_id)
         raise Ignore()
 
 
@@ -84,9 +85,10 @@ def prepare(self, job_id: int) -> dict:
     from plugin.reports.template import load_template
 
     settings = get_settings()
-    job = jobs.set_state(settings, job_id, db.JobState.PREPARING)
+    chain_id = self.request.root_id
+    job = jobs.set_state(settings, job_id, db.JobState.PREPARING, chain_id=chain_id)
     if job is None:
-        log.info("prepare: job %s is finished or gone; nothing to do", job_id)
+        log.info("prepare: job %s is finished, gone or sent again; nothing to do", job_id)
         raise Ignore()
     t0 = time.monotonic()
     with job_stage(self, settings, job_id, "prepare"):
@@ -98,7 +100,7 @@ def prepare(self, job_id: int) -> dict:
             template = load_template(job.template, settings.templates_dir)
             _study, _cls, images, limitations = analyse_paths(paths)
         except PrepareError as e:
-            jobs.fail(settings, job_id, f"prepare: {e}")
+            jobs.fail(settings, job_id, f"prepare: {e}", chain_id=chain_id)
             raise Ignore()
         bundle = AnalysisBundle(job_id=job_id, study_instance_uid=study_uid, model=job.model,
                                 template=job.template, template_hash=template_hash(template),
@@ -107,7 +109,9 @@ def prepare(self, job_id: int) -> dict:
                                 clinical_context=study_context(paths))
         data = bundle.model_dump(mode="json")
         write_atomic(bundle_path(settings, job_id), json.dumps(data).encode())
-        jobs.set_state(settings, job_id, db.JobState.INFERRING)
+        if jobs.set_state(settings, job_id, db.JobState.INFERRING, chain_id=chain_id) is None:
+            log.info("prepare: job %s was finished or sent again meanwhile; stopping this chain", job_id)
+            raise Ignore()
     log.info("prepare: job %s: %d images from %d instances in %.1f s; limitations: %s", job_id, len(images),
              len(paths), time.monotonic() - t0, "; ".join(limitations) or "none")
     return data
@@ -154,11 +158,13 @@ def report(self, result_data: dict) -> None:
 
     settings = get_settings()
     job_id = int(result_data["job_id"])
+    chain_id = self.request.root_id
     if "error" in result_data:
-        jobs.fail(settings, job_id, result_data["error"])
+        jobs.fail(settings, job_id, result_data["error"], chain_id=chain_id)
         return
-    job = jobs.set_state(settings, job_id, db.JobState.REPORTING)
-    if job is None:
+    job = jobs.set_state(settings, job_id, db.JobState.REPORTING, chain_id=chain_id)
+    if job is None:  # finished (a redelivered report after DONE), gone, or superseded by a newer chain
+        log.info("report: job %s is finished, gone or sent again; nothing to do", job_id)
         raise Ignore()
     with job_stage(self, settings, job_id, "report"):
         from worker.safety import SafetyReport, notify_critical
@@ -174,7 +180,8 @@ def report(self, result_data: dict) -> None:
         sources = {uid: pydicom.dcmread(p, stop_before_pixels=True) for uid, p in paths.items()}
         missing = uids - set(sources)
         if missing:
-            jobs.fail(settings, job_id, f"report: source instances no longer in the store: {sorted(missing)[:3]}")
+            jobs.fail(settings, job_id, f"report: source instances no longer in the store: {sorted(missing)[:3]}",
+                      chain_id=chain_id)
             raise Ignore()
         lim = list(bundle.limitations)
         rv = job.rules_version
@@ -194,6 +201,10 @@ def report(self, result_data: dict) -> None:
             written.append((kind, str(ds.SOPInstanceUID), str(path)))
         with db.session_scope(settings.database.url) as s:
             job_row = s.get(db.Job, job_id)
+            if job_row.state != db.JobState.REPORTING or jobs.superseded(job_row, chain_id):
+                log.info("report: job %s moved on meanwhile (%s, chain %s): its results are not queued again",
+                         job_id, job_row.state.value, job_row.celery_id)
+                raise Ignore()
             # one row per object and destination; an object the destination already has
             # (same UID, same content) is recorded as delivered without sending it again
             outbox.enqueue(s, job_row, job_row.destination_list, written)
