@@ -29,11 +29,25 @@ def _load(path: str):
         raise SystemExit(1)
 
 
+def _phi_policy(settings, debug_phi: bool) -> None:
+    """PHI out of this process's logs unless logging.phi / --debug-phi (plugin/logsafe.py)."""
+    from plugin import logsafe
+
+    logsafe.install()
+    logsafe.configure(settings.logging.phi or debug_phi)  # the embedded worker inherits it (environment)
+    if logsafe.enabled():
+        logging.getLogger("cmr_ai").warning(
+            "PHI is written to this log (%s): patient names, IDs, accession numbers, descriptions …; "
+            "for debugging only", "--debug-phi" if debug_phi else "logging.phi: true" if settings.logging.phi
+            else f"{logsafe.ENV}=1, from the node's --debug-phi")
+
+
 def cmd_serve(args) -> int:
     from plugin.node import Node
 
     _logging(args.verbose)
     settings = _load(args.config)
+    _phi_policy(settings, args.debug_phi)
     node = Node(settings, start_worker=False if args.no_worker else None)
     node.run_forever()
     return 0
@@ -43,6 +57,7 @@ def cmd_worker(args) -> int:
     _logging(args.verbose)
     os.environ["CMR_AI_CONFIG"] = os.path.abspath(args.config)
     settings = _load(args.config)
+    _phi_policy(settings, args.debug_phi)
     from worker.app import app, configure
 
     configure(settings)
@@ -318,6 +333,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sp = sub.add_parser("serve", help="run the DICOM node (C-STORE SCP, routing, outbox, embedded worker)")
     sp.add_argument("--config", required=True)
     sp.add_argument("--no-worker", action="store_true", help="do not start the embedded worker")
+    sp.add_argument("--debug-phi", action="store_true",
+                    help="write PHI (names, IDs, descriptions …) to the log, for debugging (logging.phi)")
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(fn=cmd_serve)
 
@@ -326,6 +343,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sp.add_argument("--queues", default="gpu")
     sp.add_argument("--concurrency", type=int, default=1)
     sp.add_argument("--pool", default=None, help="Celery pool (prefork, solo, threads)")
+    sp.add_argument("--debug-phi", action="store_true",
+                    help="write PHI (names, IDs, descriptions …) to the log, for debugging (logging.phi)")
     sp.add_argument("-v", "--verbose", action="store_true")
     sp.set_defaults(fn=cmd_worker)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from plugin.yamlmarks import key_of, line_of
 
 import difflib
+import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -43,14 +45,134 @@ def _check_ae(v: str) -> str:
     return v
 
 
+def _check_file(v: Optional[str]) -> Optional[str]:
+    """A path from the config that must name a readable file (relative: from the current directory)."""
+    if v is None:
+        return v
+    p = Path(v).expanduser()
+    if not p.is_file():
+        raise ValueError(f"{v!r}: no such file" + (f" (relative to {Path.cwd()})" if not p.is_absolute() else ""))
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"{v!r}: not readable by this user")
+    return v
+
+
+class AllowEntry(_Strict):
+    """One caller the node accepts associations from (``node.allow``; docs/security.md).
+
+    Every key given must match: ``{ae_title: PACS, ip: 192.168.2.7}`` is that AE title
+    from that address; ``{ip: 10.1.0.0/16}`` is any AE title from that network.
+    """
+
+    ae_title: Optional[str] = None
+    ip: Optional[str] = None  # an address or a network in CIDR notation (IPv4 or IPv6)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _check_ae(v)
+
+    @field_validator("ip", mode="before")
+    @classmethod
+    def _ip(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        text = str(v).strip()
+        try:
+            net = ipaddress.ip_network(text, strict=True)
+            return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+        except ValueError:
+            try:  # host bits set: say which network was probably meant
+                near = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ValueError(f"{text!r} is not an IP address or network (e.g. 192.168.2.7, 10.1.0.0/16, "
+                                 "fd00::/8)") from None
+            raise ValueError(f"{text!r} has host bits set; did you mean {str(near)!r}?") from None
+
+    @model_validator(mode="after")
+    def _some(self) -> "AllowEntry":
+        if self.ae_title is None and self.ip is None:
+            raise ValueError("an allow entry needs ae_title, ip or both (e.g. {ae_title: SCANNER1})")
+        return self
+
+    @property
+    def network(self) -> Optional[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return None if self.ip is None else ipaddress.ip_network(self.ip)
+
+    def matches(self, ae_title: str, address: str) -> bool:
+        """Whether a caller (its calling AE title and IP address) is this entry."""
+        if self.ae_title is not None and ae_title.strip() != self.ae_title:
+            return False
+        if self.ip is not None:
+            try:
+                ip = ipaddress.ip_address(address.split("%", 1)[0])
+            except ValueError:
+                return False
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if ip not in self.network:
+                return False
+        return True
+
+    def __str__(self) -> str:
+        return "@".join(x for x in (self.ae_title, self.ip) if x is not None)
+
+
+class TlsConfig(_Strict):
+    """DICOM TLS for the listener (PS3.15 Annex B; docs/security.md)."""
+
+    cert: str  # PEM: the node's certificate (chain)
+    key: str  # PEM: its private key (unencrypted)
+    ca: Optional[str] = None  # PEM: CA certificate(s) that callers' certificates must chain to
+    require_client_cert: bool = False
+    port: Optional[int] = Field(None, ge=0, le=65535)  # an extra TLS listener; None: node.port speaks TLS
+
+    _files = field_validator("cert", "key", "ca")(_check_file)
+
+    @model_validator(mode="after")
+    def _usable(self) -> "TlsConfig":
+        if self.require_client_cert and not self.ca:
+            raise ValueError("require_client_cert needs ca (the CA certificate that signs the callers' "
+                             "certificates)")
+        from plugin.dimse.security import TLSConfigError, server_ssl_context
+
+        try:
+            server_ssl_context(self)
+        except TLSConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
 class NodeConfig(_Strict):
     ae_title: str = "CMR_AI"
     host: str = "127.0.0.1"
     port: int = Field(11112, ge=0, le=65535)
-    http_port: Optional[int] = Field(None, ge=0, le=65535)
-    max_pdu: int = Field(0, ge=0)  # 0 = unlimited
+    http_port: Optional[int] = Field(None, ge=0, le=65535)  # admin HTTP API (plugin/api.py); 0 = any free port
+    http_token_file: Optional[str] = None  # the API's bearer token; unset: generated into <var>/run/api-token
+    # the longest P-DATA-TF we accept (PS3.8 D.1); longer ones are aborted at their header (plugin/dimse/guard.py).
+    # 256 KiB: a typical MR image in one PDU, and a bound on what one connection buffers; 0 = unlimited
+    max_pdu: int = Field(262144, ge=0)
+    allow: list[AllowEntry] = Field(default_factory=list)  # empty = any caller
+    tls: Optional[TlsConfig] = None
 
     _ae = field_validator("ae_title")(_check_ae)
+
+    @field_validator("http_token_file")
+    @classmethod
+    def _token(cls, v: Optional[str]) -> Optional[str]:
+        if _check_file(v) is not None and not Path(v).expanduser().read_text().strip():
+            raise ValueError(f"{v!r} is empty: put the admin API's bearer token in it (or leave http_token_file "
+                             "out to have one generated)")
+        return v
+
+    @model_validator(mode="after")
+    def _ports(self) -> "NodeConfig":
+        if self.tls is not None and self.tls.port and self.tls.port == self.port:
+            raise ValueError(f"tls.port {self.tls.port} is node.port: leave tls.port out to make node.port "
+                             "speak TLS, or give the TLS listener its own port")
+        if self.http_port and self.http_port in (self.port, self.tls.port if self.tls else None):
+            raise ValueError(f"http_port {self.http_port} is also a DICOM port")
+        return self
 
 
 class StorageConfig(_Strict):
@@ -224,6 +346,15 @@ class SafetyConfig(_Strict):
     critical_hook: Optional[str] = None  # shell command run for critical findings (see worker/safety.py)
 
 
+class LoggingConfig(_Strict):
+    """What the node and workers may write to their logs (docs/security.md)."""
+
+    # PHI (patient names, IDs, dates of birth, sex/age/weight, addresses, accession numbers,
+    # institution/physician names, free-text descriptions) appears in logs only when true;
+    # UIDs always do. `cmr-ai serve|worker --debug-phi` sets it for one run.
+    phi: bool = False
+
+
 class Settings(_Strict):
     node: NodeConfig = Field(default_factory=NodeConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -234,6 +365,7 @@ class Settings(_Strict):
     rules: list[Rule] = Field(default_factory=list)
     templates_dir: Optional[str] = None
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     # Where the file was loaded from, and the version of its content (not YAML keys).
     source: Optional[str] = Field(None, exclude=True)

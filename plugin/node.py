@@ -79,7 +79,9 @@ class Node:
         self.store = InstanceStore(settings.storage.path, fsync=settings.storage.fsync,
                                    duplicates=settings.storage.duplicates)
         self.scp = StoreSCP(ae_title=settings.node.ae_title, host=settings.node.host, port=settings.node.port,
-                            store=self.store, db_url=settings.database.url, max_pdu=settings.node.max_pdu)
+                            store=self.store, db_url=settings.database.url, max_pdu=settings.node.max_pdu,
+                            allow=settings.node.allow, tls=settings.node.tls)
+        self.api = None  # plugin.api.AdminAPI, when node.http_port is set
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._worker: Optional[subprocess.Popen] = None
@@ -115,6 +117,8 @@ class Node:
         if recovered:
             log.info("recovery: re-sent %d unfinished job(s): %s", len(recovered), recovered)
         self.scp.start()
+        if self.settings.node.http_port is not None:
+            self._start_api()
         if self.start_worker:
             self._spawn_worker()
         for target, name in ((self._stability_loop, "stability"), (self._outbox_loop, "outbox")):
@@ -122,8 +126,22 @@ class Node:
             t.start()
             self._threads.append(t)
 
+    def _start_api(self) -> None:
+        """The admin HTTP API (plugin/api.py) on node.host:node.http_port, behind its bearer token."""
+        from plugin.api import AdminAPI, load_or_create_token
+
+        token, token_path = load_or_create_token(self.settings)
+        self.api = AdminAPI(lambda: self.settings, token, host=self.settings.node.host,
+                            port=self.settings.node.http_port,
+                            status=lambda: {"dicom_port": self.scp.port, "dicom_tls_port": self.scp.tls_port})
+        self.api.start()
+        log.info("admin API on http://%s:%s (/health open; /api/* need Authorization: Bearer <token in %s>)",
+                 self.settings.node.host, self.api.port, token_path)
+
     def stop(self) -> None:
         self._stop.set()
+        if self.api is not None:
+            self.api.stop()
         self.scp.stop()
         for t in self._threads:
             t.join(timeout=5)
@@ -154,6 +172,7 @@ class Node:
                         log.info("embedded worker stopped for the new config: starting it again")
                     else:
                         log.error("embedded worker exited with %s: restarting it", self._worker.returncode)
+                        self._resend_lost_jobs()
                     self._worker_restarting = False
                     self._spawn_worker()
         finally:
@@ -173,6 +192,26 @@ class Node:
                         pass
         except Exception as e:
             log.warning("could not purge the embedded broker: %s", e)
+
+    def _resend_lost_jobs(self) -> None:
+        """The embedded worker died without a warm shutdown (SIGKILL, OOM): re-send what it held.
+
+        It is the embedded broker's only consumer, and kombu's SQLAlchemy transport
+        keeps a message it delivered hidden until it is acknowledged — a consumer
+        killed before acknowledging loses it for good. So, with no worker running,
+        the queues are purged and every job the database says is unfinished gets a
+        new chain (:func:`plugin.jobs.recover`), as at start-up; a chain of the dead
+        worker that still comes back is superseded and changes nothing.
+        """
+        if self.settings.queue.broker != "embedded":
+            return  # other brokers redeliver unacknowledged messages themselves
+        try:
+            self._purge_embedded_queues()
+            resent = jobs.recover(self.settings, flush_outbox=False)  # the outbox loop flushes
+            if resent:
+                log.info("embedded worker lost: re-sent %d unfinished job(s): %s", len(resent), resent)
+        except Exception:
+            log.exception("could not re-send the jobs of the lost embedded worker; they are sent at the next start")
 
     def _worker_config(self) -> Path:
         """The config file for the embedded worker: a copy of the one in force.

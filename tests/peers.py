@@ -252,3 +252,19 @@ def dcmtk_storescu(port: int, paths: Iterable, aet: str = "MODALITY", aec: str =
     _require(DCMTK_STORESCU, hint="install the Debian package dcmtk")
     cmd = [DCMTK_STORESCU, "-aet", aet, "-aec", aec, *extra_args, host, str(port), *map(str, paths)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def stop_process(proc) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` (its whole group), wait, SIGKILL
+    after 30 s; nothing if it is None or already gone."""
+    import os
+    import signal
+
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)

@@ -70,26 +70,29 @@ def node(tmp_path, orthanc, demo_model_dir):
     yield from run_node(tmp_path, orthanc, demo_model_dir)
 
 
-def start_serve(tmp_path, port: int, model_dir, destinations: str, rules: str) -> subprocess.Popen:
-    """Write ``tmp_path/config.yaml`` (embedded defaults under ``tmp_path/var``, the demo model,
-    the given ``destinations:`` and ``rules:`` YAML bodies) and start ``cmr-ai serve`` on
-    ``port`` in its own process group, logging to ``tmp_path/node.log`` (appended)."""
+def start_serve(tmp_path, port: int, model_dir, destinations: str, rules: str, *args: str,
+                cwd=None) -> subprocess.Popen:
+    """Write ``tmp_path/config.yaml`` (embedded defaults under ``tmp_path/var``, the demo model
+    unless ``model_dir`` is None, the given ``destinations:`` and ``rules:`` YAML bodies) and
+    start ``cmr-ai serve [args]`` on ``port`` in its own process group, logging to
+    ``tmp_path/node.log`` (appended)."""
     cfg = tmp_path / "config.yaml"
+    models = f'models: {{demo: {{path: "{model_dir}", quantization: nf4}}}}' if model_dir is not None else ""
     cfg.write_text(f"""
 node: {{ae_title: CMR_AI, host: 127.0.0.1, port: {port}}}
 storage: {{path: {tmp_path / 'var' / 'dicom'}}}
 database: {{url: "sqlite:///{tmp_path / 'var' / 'cmr-ai.db'}"}}
 queue: {{broker: embedded}}
-models: {{demo: {{path: "{model_dir}", quantization: nf4}}}}
+{models}
 destinations:
 {destinations}
 rules:
 {rules}
 """)
     log = open(tmp_path / "node.log", "a")
-    proc = subprocess.Popen([sys.executable, "-m", "plugin.cli", "serve", "--config", str(cfg)],
+    proc = subprocess.Popen([sys.executable, "-m", "plugin.cli", "serve", "--config", str(cfg), *args],
                             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                            start_new_session=True)
+                            start_new_session=True, cwd=cwd)
     log.close()  # the child has its own copy of the descriptor
     return proc
 

@@ -22,7 +22,7 @@ import pytest
 from pynetdicom import AE
 from sqlalchemy import select
 
-from peers import free_port
+from peers import free_port, stop_process
 from plugin import db
 from plugin.phantom import write_study
 from test_e2e import _wait_port, start_serve
@@ -121,12 +121,7 @@ def test_kill_9_mid_study_loses_no_acknowledged_instance(tmp_path, demo_model_di
         assert len(states) == 1, states  # analysed once
         assert list((tmp_path / "out").rglob("*.dcm")), "the draft is in the folder"
     finally:
-        if node.poll() is None:
-            os.killpg(node.pid, signal.SIGTERM)
-            try:
-                node.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
+        stop_process(node)
 
 
 @pytest.fixture()

@@ -669,7 +669,8 @@ def prepare_study(study: Study, classifications: dict[str, Classification], *,
                     limitations.append(f"SAX {name}: no decodable slice ({'; '.join(errors)})")
             if not any(im.view == View.SAX.value for im in images):
                 raise RuntimeError("no slice of the stack could be decoded")
-            log.info("SAX from %s: %d slices, levels %s, ES phase %d/%d%s", sax_note, n, levels, es_idx,
+            log.info("SAX from %s: %d slices, levels %s, ES phase %d/%d%s", sax_note, n,  # no quotes: plugin/logsafe.py
+                     ", ".join(f"{k} {v}" for k, v in levels.items()), es_idx,
                      len(mid.phases), f" ({es_tt:.0f} ms)" if es_tt is not None else "")
         except Exception as e:  # noqa: BLE001 - a broken file must not hide the long-axis views
             log.warning("SAX stack could not be rendered: %s", e, exc_info=True)

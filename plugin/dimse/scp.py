@@ -12,15 +12,21 @@ from __future__ import annotations
 import errno
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from pydicom import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import (AE, ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID,
+                         PYNETDICOM_IMPLEMENTATION_VERSION, evt)
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
+from plugin.dimse.guard import DEFAULT_MAX_PDU, BrokenDataSet, check_dataset, guard_connection, inflate
+from plugin.dimse.security import AllowList, server_ssl_context, start_tls_server
 from plugin.ingest import Indexer, IndexRequest
-from plugin.storage import BadUID, InstanceStore, check_uid
+from plugin.storage import BadUID, InstanceStore, check_uid, part10_header
+
+if TYPE_CHECKING:
+    from plugin.config import AllowEntry, TlsConfig
 
 log = logging.getLogger("cmr_ai.scp")
 
@@ -30,6 +36,7 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class
 CANNOT_UNDERSTAND = 0xC210  # Error: Cannot understand (we use it for unparseable datasets / bad UIDs)
 PROCESSING_FAILURE = 0x0110
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: the SOP class is not the presentation context's
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,16 @@ class StoreSCP:
     """The node's DICOM listener."""
 
     def __init__(self, *, ae_title: str, host: str, port: int, store: InstanceStore, db_url: str,
-                 max_pdu: int = 0, on_stored: Optional[Callable[[Received], None]] = None):
+                 max_pdu: int = DEFAULT_MAX_PDU, on_stored: Optional[Callable[[Received], None]] = None,
+                 allow: Sequence["AllowEntry"] = (), tls: Optional["TlsConfig"] = None):
+        """``allow``: the callers accepted (``node.allow``; empty: any). ``tls``: ``node.tls``;
+        without ``tls.port`` the listener on ``port`` speaks TLS, with it a TLS listener is added
+        on ``tls.port`` (see :mod:`plugin.dimse.security`)."""
         self.ae_title, self.host, self.port = ae_title, host, port
+        self.allow = AllowList(allow)
+        self.tls = tls
+        self.ssl_context = server_ssl_context(tls) if tls is not None else None
+        self.tls_port: Optional[int] = None  # the port that speaks TLS, once started
         self.store, self.db_url = store, db_url
         self.on_stored = on_stored
         self.indexer = Indexer(db_url)  # group commit of the index (plugin/ingest.py)
@@ -66,19 +81,42 @@ class StoreSCP:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self.ae = ae
         self.server = None
+        self.tls_server = None  # the extra TLS listener (tls.port)
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
         handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo),
-                    (evt.EVT_N_EVENT_REPORT, self.handle_event_report)]
+                    (evt.EVT_N_EVENT_REPORT, self.handle_event_report),
+                    (evt.EVT_CONN_OPEN, guard_connection)]  # bounded, timed, logged PDU reading (guard.py)
+        if self.allow:
+            handlers.append((evt.EVT_REQUESTED, self.allow.handle_requested))
+        callers = (f"; callers allowed: {', '.join(str(e) for e in self.allow.entries)}" if self.allow
+                   else "; any caller")
+        if self.ssl_context is not None and self.tls.port is None:
+            self.server = start_tls_server(self.ae, (self.host, self.port), self.ssl_context, handlers)
+            self.port = self.tls_port = self.server.server_address[1]
+            log.info("listening as %s on %s:%s (DICOM TLS%s)%s", self.ae_title, self.host, self.port,
+                     self._tls_note(), callers)
+            return
         self.server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         self.port = self.server.server_address[1]
-        log.info("listening as %s on %s:%s", self.ae_title, self.host, self.port)
+        log.info("listening as %s on %s:%s%s", self.ae_title, self.host, self.port, callers)
+        if self.ssl_context is not None:
+            self.tls_server = start_tls_server(self.ae, (self.host, self.tls.port), self.ssl_context, handlers)
+            self.tls_port = self.tls_server.server_address[1]
+            log.info("listening as %s on %s:%s (DICOM TLS%s)", self.ae_title, self.host, self.tls_port,
+                     self._tls_note())
+
+    def _tls_note(self) -> str:
+        if self.tls.require_client_cert:
+            return ", client certificate required"
+        return ", client certificate verified when sent" if self.tls.ca else ", no client certificate asked"
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        for server in (self.tls_server, self.server):
+            if server is not None:
+                server.shutdown()
+        self.server = self.tls_server = None
 
     # -- handlers ----------------------------------------------------------
     def handle_echo(self, event) -> int:
@@ -106,6 +144,24 @@ class StoreSCP:
             sop_class = check_uid(req.AffectedSOPClassUID, "(0000,0002) AffectedSOPClassUID")
         except BadUID as e:
             log.error("C-STORE from %s refused (0x%04X): %s", peer, CANNOT_UNDERSTAND, e)
+            return CANNOT_UNDERSTAND
+        context = event.context
+        if str(context.abstract_syntax) != sop_class:  # pynetdicom picks the service by the command's UID
+            log.error("C-STORE %s from %s refused (0x%04X): (0000,0002) AffectedSOPClassUID %s is not the SOP class "
+                      "of presentation context %s (%s)", sop_uid, peer, SOP_CLASS_NOT_SUPPORTED, sop_class,
+                      context.context_id, context.abstract_syntax)
+            return SOP_CLASS_NOT_SUPPORTED
+        try:  # pydicom reads a broken structure leniently (cut short, items lost): check it first
+            ts = context.transfer_syntax
+            raw = req.DataSet.getvalue()
+            check_dataset(inflate(raw) if ts.is_deflated else raw, ts.is_implicit_VR, ts.is_little_endian)
+        except BrokenDataSet as e:
+            log.error("C-STORE %s from %s refused (0x%04X): not a DICOM data set in %s: %s", sop_uid, peer,
+                      CANNOT_UNDERSTAND, ts.name, e)
+            return CANNOT_UNDERSTAND
+        except Exception as e:  # noqa: BLE001 - never raise from the handler
+            log.error("C-STORE %s from %s refused (0x%04X): cannot read the data set: %s: %s", sop_uid, peer,
+                      CANNOT_UNDERSTAND, type(e).__name__, e)
             return CANNOT_UNDERSTAND
         try:
             ds = event.dataset
@@ -139,7 +195,10 @@ class StoreSCP:
                       "from (0000,0002) AffectedSOPClassUID %s", sop_uid, peer, DATASET_MISMATCH, ds_class, sop_class)
             return DATASET_MISMATCH
         try:
-            data = event.encoded_dataset(include_meta=True)
+            # the dataset exactly as received, behind a File Meta header built by hand
+            body = raw  # req.DataSet's bytes, as checked above
+            data = part10_header(sop_class, sop_uid, str(event.context.transfer_syntax),
+                                 PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION) + body
             path, outcome = self.store.store_instance(study_uid, series_uid, sop_uid, data)
         except OSError as e:
             status = OUT_OF_RESOURCES
@@ -159,7 +218,8 @@ class StoreSCP:
             self.indexer.index(IndexRequest(study_uid, series_uid, sop_uid, sop_class,
                                             str(event.context.transfer_syntax), str(path), len(data), info,
                                             series_number, assoc.requestor.ae_title, assoc.requestor.address,
-                                            file_changed=outcome in ("new", "replaced")))
+                                            file_changed=outcome in ("new", "replaced"),
+                                            is_new=outcome == "new"))
         except Exception as e:  # noqa: BLE001 — SQLAlchemyError, a timeout …: nothing acknowledged
             log.error("C-STORE %s from %s failed (0x%04X): cannot index in the database: %s", sop_uid, peer,
                       OUT_OF_RESOURCES, e)

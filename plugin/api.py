@@ -1,0 +1,345 @@
+"""Admin HTTP API of the node: health (open) and the index, jobs and outbox (bearer token).
+
+Served by :class:`plugin.node.Node` in a thread when ``node.http_port`` is set (0:
+any free port, logged), on ``node.host``. Standard library only
+(:class:`http.server.ThreadingHTTPServer`); requests are dispatched through a route
+table (:meth:`AdminAPI.route`) so that later endpoints — ``/metrics``, a dashboard,
+a STOW-RS receiver — are one registration each, open or behind the token.
+
+=====================  ======  ==========================================================
+``GET /health``        open    ``{"ok", "version", "rules_version", "dicom_port", "counts"}``
+``GET /api/studies``   token   studies, most recently received first (``?limit=N``, ≤ 1000)
+``GET /api/jobs``      token   jobs, newest first
+``GET /api/exports``   token   outbox rows, newest first
+=====================  ======  ==========================================================
+
+The token is ``Authorization: Bearer <token>``; it comes from ``node.http_token_file``
+or, when that is not set, is generated once into ``<var>/run/api-token`` (mode 0600)
+and its path logged. A missing or wrong token gets ``401`` with ``WWW-Authenticate:
+Bearer`` (RFC 6750); tokens are compared in constant time. Like the logs, the API
+carries UIDs but no PHI (no patient IDs, accession numbers or descriptions; error
+texts scrubbed, :mod:`plugin.logsafe`). See docs/security.md.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Optional
+from urllib.parse import parse_qs, urlsplit
+
+from sqlalchemy import func, select
+
+from plugin import db
+from plugin.config import Settings
+from plugin.logsafe import scrub
+
+log = logging.getLogger("cmr_ai.api")
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+
+
+@dataclass
+class Request:
+    """What a route handler gets."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: Any  # email.message.Message (case-insensitive)
+    client: str
+    _read: Callable[[], bytes] = lambda: b""
+
+    def body(self) -> bytes:
+        """The request body (read on first call: after authentication, never before)."""
+        return self._read()
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: Optional[dict[str, str]] = None
+
+    @classmethod
+    def json(cls, data: Any, status: int = 200, headers: Optional[dict[str, str]] = None) -> "Response":
+        return cls(status, (json.dumps(data, default=_json_default, indent=1) + "\n").encode(), "application/json",
+                   headers)
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Callable[[Request], Response]
+    auth: bool  # needs the bearer token
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, datetime):
+        return o.isoformat() + "Z"  # the database keeps naive UTC
+    if hasattr(o, "value"):
+        return o.value
+    return str(o)
+
+
+def load_or_create_token(settings: Settings) -> tuple[str, Path]:
+    """The API token and the file it is in: ``node.http_token_file``, else ``<var>/run/api-token``,
+    created once (``secrets.token_urlsafe``, mode 0600).
+
+    Raises
+    ------
+    ValueError
+        When the configured file is empty.
+    """
+    if settings.node.http_token_file:
+        path = Path(settings.node.http_token_file).expanduser()
+        token = path.read_text().strip()
+        if not token:
+            raise ValueError(f"node.http_token_file {str(path)!r} is empty")
+        return token, path
+    from worker.app import var_dir
+
+    path = var_dir(settings) / "run" / "api-token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        token = path.read_text().strip()
+        if token:
+            if path.stat().st_mode & 0o077:
+                log.warning("API token file %s is readable by others (mode %o): chmod 600 it", path,
+                            path.stat().st_mode & 0o777)
+            return token, path
+        path.unlink()  # an empty file left by a crash mid-write: make a new token
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    log.info("generated the admin API token into %s (mode 0600)", path)
+    return token, path
+
+
+class AdminAPI:
+    """The admin HTTP server.
+
+    Parameters
+    ----------
+    settings:
+        A callable returning the settings in force (the node swaps them on reload).
+    token:
+        The bearer token for the protected routes.
+    host, port:
+        Where to listen; port 0 picks a free one (:attr:`port` after :meth:`start`).
+    status:
+        Extra fields for ``/health`` (e.g. the DICOM ports), called per request.
+    """
+
+    def __init__(self, settings: Callable[[], Settings], token: str, *, host: str, port: int,
+                 status: Optional[Callable[[], dict]] = None):
+        self.settings, self.token = settings, token
+        self.host, self.port = host, port
+        self.status = status or (lambda: {})
+        self.routes: dict[tuple[str, str], Route] = {}
+        self._server: Optional[ThreadingHTTPServer] = None
+        self._thread: Optional[threading.Thread] = None
+        self.route("GET", "/health", self.health, auth=False)
+        self.route("GET", "/api/studies", self.studies)
+        self.route("GET", "/api/jobs", self.jobs)
+        self.route("GET", "/api/exports", self.exports)
+
+    # -- routing -------------------------------------------------------------
+    def route(self, method: str, path: str, handler: Callable[[Request], Response], *, auth: bool = True) -> None:
+        """Register ``handler`` for ``method path`` (exact path); ``auth``: needs the bearer token."""
+        self.routes[(method.upper(), path)] = Route(method.upper(), path, handler, auth)
+
+    def authorised(self, headers) -> Optional[str]:
+        """None when the request carries the token, else the RFC 6750 error code to answer with."""
+        value = headers.get("Authorization") or ""
+        scheme, _, given = value.strip().partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            return ""  # no credentials: no error code (RFC 6750 3.1)
+        if hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            return None
+        return "invalid_token"
+
+    def dispatch(self, req: Request) -> Response:
+        route = self.routes.get((req.method, req.path))
+        known_path = any(p == req.path for _, p in self.routes)
+        if route is None and req.method == "HEAD":
+            route = self.routes.get(("GET", req.path))
+        needs_auth = route.auth if route is not None else not any(
+            p == req.path and not r.auth for (_, p), r in self.routes.items())
+        if needs_auth:
+            error = self.authorised(req.headers)
+            if error is not None:
+                log.warning("admin API: %s %s from %s refused: %s", req.method, req.path, req.client,
+                            "wrong token" if error else "no bearer token")
+                challenge = 'Bearer realm="cmr-ai"' + (f', error="{error}"' if error else "")
+                return Response.json({"error": "unauthorised: send Authorization: Bearer <token>"},
+                                     HTTPStatus.UNAUTHORIZED, {"WWW-Authenticate": challenge})
+        if route is None:
+            if known_path:
+                allowed = sorted(m for m, p in self.routes if p == req.path)
+                return Response.json({"error": f"method {req.method} not allowed"}, HTTPStatus.METHOD_NOT_ALLOWED,
+                                     {"Allow": ", ".join(allowed)})
+            return Response.json({"error": f"no such endpoint: {req.path}"}, HTTPStatus.NOT_FOUND)
+        try:
+            return route.handler(req)
+        except HTTPError as e:
+            return Response.json({"error": e.message}, e.status)
+        except Exception:  # noqa: BLE001 - a broken endpoint answers 500 and logs, the server goes on
+            log.exception("admin API: %s %s failed", req.method, req.path)
+            return Response.json({"error": "internal error (see the node's log)"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    # -- endpoints -----------------------------------------------------------
+    def health(self, req: Request) -> Response:
+        s = self.settings()
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            pkg = version("cmr-ai")
+        except PackageNotFoundError:
+            pkg = "unknown"
+        out: dict[str, Any] = {"ok": True, "version": pkg, "rules_version": s.rules_version,
+                               "rules": len(s.rules), **self.status()}
+        try:
+            with db.session_scope(s.database.url) as session:
+                out["counts"] = {
+                    "studies": _by_state(session, db.Study),
+                    "jobs": _by_state(session, db.Job),
+                    "exports": _by_state(session, db.Export),
+                }
+        except Exception as e:  # noqa: BLE001
+            log.error("admin API: /health: database unreachable: %s", e)
+            out.update(ok=False, error="database unreachable")
+            return Response.json(out, HTTPStatus.SERVICE_UNAVAILABLE)
+        return Response.json(out)
+
+    def studies(self, req: Request) -> Response:
+        limit = _limit(req)
+        with db.session_scope(self.settings().database.url) as s:
+            n_series = (select(db.Series.study_id, func.count().label("n")).group_by(db.Series.study_id).subquery())
+            rows = s.execute(select(db.Study, n_series.c.n).outerjoin(n_series, n_series.c.study_id == db.Study.id)
+                             .order_by(db.Study.last_received.desc(), db.Study.id.desc()).limit(limit)).all()
+            items = [{"id": st.id, "study_instance_uid": st.study_instance_uid, "state": st.state,
+                      "n_series": n or 0, "n_instances": st.n_instances, "calling_ae": st.calling_ae,
+                      "source_ip": st.source_ip, "rule": st.rule, "rules_version": st.rules_version,
+                      "first_received": st.first_received, "last_received": st.last_received,
+                      "jobs": [j.id for j in st.jobs]} for st, n in rows]
+        return Response.json({"items": items, "limit": limit})
+
+    def jobs(self, req: Request) -> Response:
+        limit = _limit(req)
+        with db.session_scope(self.settings().database.url) as s:
+            rows = s.execute(select(db.Job, db.Study.study_instance_uid).join(db.Study)
+                             .order_by(db.Job.created_at.desc(), db.Job.id.desc()).limit(limit)).all()
+            items = [{"id": j.id, "study_instance_uid": uid, "kind": j.kind, "state": j.state, "rule": j.rule,
+                      "template": j.template, "model": j.model, "priority": j.priority,
+                      "destinations": [d for d in (j.destinations or "").split(",") if d],
+                      "attempts": j.attempts, "error": scrub(j.error) if j.error else None,
+                      "model_fingerprint": j.model_fingerprint, "rules_version": j.rules_version,
+                      "created_at": j.created_at, "updated_at": j.updated_at} for j, uid in rows]
+        return Response.json({"items": items, "limit": limit})
+
+    def exports(self, req: Request) -> Response:
+        limit = _limit(req)
+        with db.session_scope(self.settings().database.url) as s:
+            rows = s.scalars(select(db.Export).order_by(db.Export.id.desc()).limit(limit)).all()
+            items = [{"id": e.id, "job_id": e.job_id, "destination": e.destination,
+                      "sop_instance_uid": e.sop_instance_uid, "kind": e.kind, "state": e.state,
+                      "attempts": e.attempts, "status": e.status,
+                      "last_error": scrub(e.last_error) if e.last_error else None,
+                      "warning": scrub(e.warning) if e.warning else None, "duplicate_of": e.duplicate_of,
+                      "created_at": e.created_at, "next_attempt_at": e.next_attempt_at, "sent_at": e.sent_at,
+                      "verify": e.verify, "confirmed_at": e.confirmed_at} for e in rows]
+        return Response.json({"items": items, "limit": limit})
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "cmr-ai"
+            protocol_version = "HTTP/1.1"
+
+            def _serve(self) -> None:
+                parts = urlsplit(self.path)
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                read: list[bytes] = []
+
+                def body() -> bytes:
+                    if not read:
+                        read.append(self.rfile.read(length) if length > 0 else b"")
+                    return read[0]
+
+                req = Request(self.command, parts.path.rstrip("/") or "/", parse_qs(parts.query), self.headers,
+                              self.client_address[0], body)
+                resp = api.dispatch(req)
+                if length != 0 and not read:
+                    self.close_connection = True  # a body nobody read: do not parse it as the next request
+                self.send_response(resp.status)
+                self.send_header("Content-Type", resp.content_type)
+                self.send_header("Content-Length", str(len(resp.body)))
+                self.send_header("Cache-Control", "no-store")
+                for k, v in (resp.headers or {}).items():
+                    self.send_header(k, v)
+                if self.close_connection:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(resp.body)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _serve
+
+            def log_message(self, fmt: str, *args) -> None:  # not to stderr; no query strings in the log
+                log.debug("admin API: %s %s", self.client_address[0], fmt % args)
+
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="admin-api", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def _limit(req: Request) -> int:
+    raw = (req.query.get("limit") or [str(DEFAULT_LIMIT)])[-1]
+    try:
+        n = int(raw)
+    except ValueError:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"limit {raw!r} is not a whole number") from None
+    if not 1 <= n <= MAX_LIMIT:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"limit {n} is out of range 1..{MAX_LIMIT}")
+    return n
+
+
+def _by_state(session, model) -> dict[str, int]:
+    rows = session.execute(select(model.state, func.count()).group_by(model.state)).all()
+    return {getattr(state, "value", str(state)): n for state, n in rows}
