@@ -517,7 +517,7 @@ def bare_scp(port: int, folder: Path) -> int:
             return 0xA700
 
     ae = AE(ae_title="BARE_SCP")
-    ae.maximum_pdu_size = 0  # as cmr-ai's node.max_pdu default (unlimited)
+    ae.maximum_pdu_size = 262144  # as cmr-ai's node.max_pdu default (plugin/dimse/guard.py DEFAULT_MAX_PDU)
     ae.require_called_aet = False
     ae.add_supported_context(Verification)
     for cx in StoragePresentationContexts:
