@@ -1,6 +1,8 @@
 """State: studies, series, instances, jobs, the export outbox and the inference audit (SQLAlchemy 2.x).
 
-The database is the source of truth; the broker is transport. One engine per
+The database is the source of truth; the broker is transport. The schema is
+versioned with Alembic (``plugin/migrations``): every process brings it to head
+when it first opens the database (:func:`migrate`, under a lock). One engine per
 process (``get_engine``), disposed after fork; one session per unit of work
 (``session_scope``). SQLite runs in WAL mode with a busy timeout so the node and
 the embedded worker can share it.
@@ -281,10 +283,121 @@ def get_engine(url: str) -> Engine:
                 event.listen(eng, "connect", _sqlite_pragmas)
             else:
                 eng = create_engine(url, pool_pre_ping=True)
-            Base.metadata.create_all(eng)
+            migrate(eng)
             _engines[key] = eng
             _makers[key] = sessionmaker(eng, expire_on_commit=False)
         return eng
+
+
+# ---------------------------------------------------------------------------
+# schema migrations (Alembic: plugin/migrations)
+
+def _alembic_config(connection):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", "plugin:migrations")
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
+
+
+def current_revision(connection) -> Optional[str]:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """One migrating process at a time (the node, its worker and ``cmr-ai`` commands may start
+    together): a PostgreSQL advisory lock, or a lock file beside a SQLite database."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT pg_advisory_lock(7263021)")  # any constant, the same everywhere
+            try:
+                yield
+            finally:
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(7263021)")
+                conn.commit()
+        return
+    dbfile = engine.url.database
+    if engine.dialect.name != "sqlite" or not dbfile or dbfile == ":memory:":
+        yield
+        return
+    import fcntl
+
+    with open(f"{dbfile}.migrate-lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _adopt(conn) -> list[str]:
+    """A database made before Alembic (``create_all``): add what it lacks, then call it 0001.
+
+    Only additions are made: missing tables, missing indexes, missing columns (with the
+    ORM's scalar default for existing rows, else NULL). Nothing is dropped or altered.
+    """
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import inspect, literal
+
+    Base.metadata.create_all(conn)  # missing tables only
+    done = []
+    ctx = MigrationContext.configure(conn)
+    for diff in compare_metadata(ctx, Base.metadata):
+        if isinstance(diff, tuple) and diff[0] == "add_column":
+            _, _schema, table, column = diff
+            ddl = f"ALTER TABLE {table} ADD COLUMN {column.name} {column.type.compile(conn.dialect)}"
+            default = column.default.arg if column.default is not None and column.default.is_scalar else None
+            if default is not None:  # existing rows get the ORM's default; a callable one leaves them NULL
+                ddl += " DEFAULT " + str(literal(default).compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+            conn.exec_driver_sql(ddl)
+            done.append(f"{table}.{column.name}")
+        elif isinstance(diff, tuple) and diff[0] == "add_index":
+            diff[1].create(conn)
+            done.append(f"index {diff[1].name}")
+    assert inspect(conn).has_table("jobs")
+    return done
+
+
+def migrate(engine: Engine) -> Optional[str]:
+    """Bring the schema to the newest revision (``alembic upgrade head``); returns the
+    revision it was at before (None for a new database)."""
+    import logging
+
+    from alembic import command
+    from sqlalchemy import inspect
+
+    log = logging.getLogger("cmr_ai.db")
+    with _migration_lock(engine):
+        with engine.connect() as conn:
+            before = current_revision(conn)
+            head = head_revision()
+            if before == head:
+                return before
+            if before is None and inspect(conn).has_table("studies"):
+                added = _adopt(conn)
+                command.stamp(_alembic_config(conn), "0001")
+                conn.commit()
+                log.info("database %s predates schema migrations: adopted as revision 0001%s",
+                         engine.url.render_as_string(hide_password=True),
+                         f" (added {', '.join(added)})" if added else "")
+                if head == "0001":
+                    return None
+            command.upgrade(_alembic_config(conn), "head")
+            conn.commit()
+            log.info("database %s: schema %s → %s", engine.url.render_as_string(hide_password=True),
+                     before or "new", head)
+            return before
 
 
 @contextmanager
