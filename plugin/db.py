@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 from sqlalchemy import (BigInteger, Boolean, DateTime, Enum, ForeignKey, Integer, String, Text, UniqueConstraint,
                         create_engine, event)
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker, validates
 
 
 def utcnow() -> datetime:
@@ -141,10 +141,31 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     model_fingerprint: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     result_json: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)  # the study was complete
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    # when each stage of the latest run began (set by assigning ``state``: see _stamp_stage);
+    # the per-stage latencies of /metrics are differences of these
+    started_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)  # PREPARING
+    prepared_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)  # INFERRING
+    inferred_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)  # REPORTING
+    reported_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)  # EXPORTING
+    finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)  # DONE or FAILED
     study: Mapped[Study] = relationship(back_populates="jobs")
     exports: Mapped[list["Export"]] = relationship(back_populates="job")
+
+    #: the column stamped when a job enters a state (QUEUED clears them all: a new run)
+    STAGE_STAMPS = {JobState.PREPARING: "started_at", JobState.INFERRING: "prepared_at",
+                    JobState.REPORTING: "inferred_at", JobState.EXPORTING: "reported_at",
+                    JobState.DONE: "finished_at", JobState.FAILED: "finished_at"}
+
+    @validates("state")
+    def _stamp_stage(self, _key: str, value: JobState) -> JobState:
+        if value == JobState.QUEUED:
+            for col in set(self.STAGE_STAMPS.values()):
+                setattr(self, col, None)
+        elif value in self.STAGE_STAMPS and value != self.state:
+            setattr(self, self.STAGE_STAMPS[value], utcnow())
+        return value
 
     @property
     def destination_list(self) -> list[str]:
@@ -341,7 +362,8 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
 
 
 def _adopt(conn) -> list[str]:
-    """A database made before Alembic (``create_all``): add what it lacks, then call it 0001.
+    """A database made before Alembic (``create_all``): add what the models have and it lacks
+    (the caller then stamps it as the newest revision).
 
     Only additions are made: missing tables, missing indexes, missing columns (with the
     ORM's scalar default for existing rows, else NULL). Nothing is dropped or altered.
@@ -385,14 +407,13 @@ def migrate(engine: Engine) -> Optional[str]:
             if before == head:
                 return before
             if before is None and inspect(conn).has_table("studies"):
-                added = _adopt(conn)
-                command.stamp(_alembic_config(conn), "0001")
+                added = _adopt(conn)  # the schema now has every table and column the models have
+                command.stamp(_alembic_config(conn), "head")
                 conn.commit()
-                log.info("database %s predates schema migrations: adopted as revision 0001%s",
-                         engine.url.render_as_string(hide_password=True),
+                log.info("database %s predates schema migrations: adopted as revision %s%s",
+                         engine.url.render_as_string(hide_password=True), head,
                          f" (added {', '.join(added)})" if added else "")
-                if head == "0001":
-                    return None
+                return None
             command.upgrade(_alembic_config(conn), "head")
             conn.commit()
             log.info("database %s: schema %s → %s", engine.url.render_as_string(hide_password=True),
