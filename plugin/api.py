@@ -6,12 +6,17 @@ any free port, logged), on ``node.host``. Standard library only
 table (:meth:`AdminAPI.route`) so that later endpoints — ``/metrics``, a dashboard,
 a STOW-RS receiver — are one registration each, open or behind the token.
 
-=====================  ======  ==========================================================
-``GET /health``        open    ``{"ok", "version", "rules_version", "dicom_port", "counts"}``
-``GET /api/studies``   token   studies, most recently received first (``?limit=N``, ≤ 1000)
-``GET /api/jobs``      token   jobs, newest first
-``GET /api/exports``   token   outbox rows, newest first
-=====================  ======  ==========================================================
+=================================  ======  ==============================================================
+``GET /health``                    open    ``{"ok", "version", "rules_version", "dicom_port", "counts"}``
+``GET /metrics``                   token   Prometheus text format (:mod:`plugin.metrics`)
+``GET /``                          open    the dashboard page (``plugin/dashboard/``: static, no data;
+                                           its script asks for the token and calls the API)
+``GET /api/studies``               token   studies, most recently received first (``?limit=N``, ≤ 1000)
+``GET /api/jobs``                  token   jobs, newest first, with their stage timestamps
+``GET /api/exports``               token   outbox rows, newest first
+``POST /api/jobs/{id}/rerun``      token   run a done or failed analysis job again (202)
+``POST /api/exports/{id}/retry``   token   queue an outbox row again (``cmr-ai exports retry ID``; 202)
+=================================  ======  ==============================================================
 
 The token is ``Authorization: Bearer <token>``; it comes from ``node.http_token_file``
 or, when that is not set, is generated once into ``<var>/run/api-token`` (mode 0600)
@@ -26,9 +31,10 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import parse_qs, urlsplit
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from plugin import db
 from plugin.config import Settings
@@ -46,6 +52,14 @@ log = logging.getLogger("cmr_ai.api")
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
+
+#: The job columns stamped as it enters each stage (``/api/jobs`` shows them).
+STAGE_COLUMNS = ("started_at", "prepared_at", "inferred_at", "reported_at", "finished_at")
+
+#: The dashboard's files (``plugin/dashboard/``, package data) and their content types.
+DASHBOARD_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+                   "style.css": "text/css; charset=utf-8"}
+_DASHBOARD = Path(__file__).with_name("dashboard")
 
 
 @dataclass
@@ -58,6 +72,7 @@ class Request:
     headers: Any  # email.message.Message (case-insensitive)
     client: str
     _read: Callable[[], bytes] = lambda: b""
+    params: dict[str, str] = field(default_factory=dict)  # the ``{name}`` parts of the route's path
 
     def body(self) -> bytes:
         """The request body (read on first call: after authentication, never before)."""
@@ -89,6 +104,13 @@ class Route:
     path: str
     handler: Callable[[Request], Response]
     auth: bool  # needs the bearer token
+    pattern: Optional[re.Pattern] = None  # for a path with ``{name}`` parts (digits)
+
+    def match(self, path: str) -> Optional[dict[str, str]]:
+        if self.pattern is None:
+            return {} if path == self.path else None
+        m = self.pattern.fullmatch(path)
+        return m.groupdict() if m else None
 
 
 def _json_default(o: Any) -> Any:
@@ -165,11 +187,27 @@ class AdminAPI:
         self.route("GET", "/api/studies", self.studies)
         self.route("GET", "/api/jobs", self.jobs)
         self.route("GET", "/api/exports", self.exports)
+        self.route("POST", "/api/jobs/{id}/rerun", self.rerun_job)
+        self.route("POST", "/api/exports/{id}/retry", self.retry_export)
+        self.route("GET", "/metrics", self.metrics)
+        self.route("GET", "/", self.dashboard, auth=False)
+        for name in DASHBOARD_FILES:
+            self.route("GET", f"/dashboard/{name}", self.dashboard, auth=False)
 
     # -- routing -------------------------------------------------------------
     def route(self, method: str, path: str, handler: Callable[[Request], Response], *, auth: bool = True) -> None:
-        """Register ``handler`` for ``method path`` (exact path); ``auth``: needs the bearer token."""
-        self.routes[(method.upper(), path)] = Route(method.upper(), path, handler, auth)
+        """Register ``handler`` for ``method path``; ``auth``: needs the bearer token.
+
+        A path is matched exactly, except its ``{name}`` parts, which match digits and
+        reach the handler as ``req.params[name]`` (``/api/jobs/{id}/rerun``).
+        """
+        pattern = None
+        if "{" in path:
+            pattern = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[0-9]{1,18})", re.escape(path)))
+        self.routes[(method.upper(), path)] = Route(method.upper(), path, handler, auth, pattern)
+
+    def _matching(self, path: str) -> list[tuple[Route, dict[str, str]]]:
+        return [(r, params) for r in self.routes.values() if (params := r.match(path)) is not None]
 
     def authorised(self, headers) -> Optional[str]:
         """None when the request carries the token, else the RFC 6750 error code to answer with."""
@@ -182,12 +220,12 @@ class AdminAPI:
         return "invalid_token"
 
     def dispatch(self, req: Request) -> Response:
-        route = self.routes.get((req.method, req.path))
-        known_path = any(p == req.path for _, p in self.routes)
-        if route is None and req.method == "HEAD":
-            route = self.routes.get(("GET", req.path))
-        needs_auth = route.auth if route is not None else not any(
-            p == req.path and not r.auth for (_, p), r in self.routes.items())
+        matching = self._matching(req.path)
+        by_method = {r.method: (r, params) for r, params in matching}
+        route, params = by_method.get(req.method) or (by_method.get("GET") if req.method == "HEAD" else None) \
+            or (None, {})
+        known_path = bool(matching)
+        needs_auth = route.auth if route is not None else not any(not r.auth for r, _ in matching)
         if needs_auth:
             error = self.authorised(req.headers)
             if error is not None:
@@ -198,10 +236,11 @@ class AdminAPI:
                                      HTTPStatus.UNAUTHORIZED, {"WWW-Authenticate": challenge})
         if route is None:
             if known_path:
-                allowed = sorted(m for m, p in self.routes if p == req.path)
+                allowed = sorted(by_method)
                 return Response.json({"error": f"method {req.method} not allowed"}, HTTPStatus.METHOD_NOT_ALLOWED,
                                      {"Allow": ", ".join(allowed)})
             return Response.json({"error": f"no such endpoint: {req.path}"}, HTTPStatus.NOT_FOUND)
+        req.params = params
         try:
             return route.handler(req)
         except HTTPError as e:
@@ -257,7 +296,8 @@ class AdminAPI:
                       "destinations": [d for d in (j.destinations or "").split(",") if d],
                       "attempts": j.attempts, "error": scrub(j.error) if j.error else None,
                       "model_fingerprint": j.model_fingerprint, "rules_version": j.rules_version,
-                      "created_at": j.created_at, "updated_at": j.updated_at} for j, uid in rows]
+                      "created_at": j.created_at, "updated_at": j.updated_at,
+                      **{col: getattr(j, col) for col in STAGE_COLUMNS}} for j, uid in rows]
         return Response.json({"items": items, "limit": limit})
 
     def exports(self, req: Request) -> Response:
@@ -272,6 +312,76 @@ class AdminAPI:
                       "created_at": e.created_at, "next_attempt_at": e.next_attempt_at, "sent_at": e.sent_at,
                       "verify": e.verify, "confirmed_at": e.confirmed_at} for e in rows]
         return Response.json({"items": items, "limit": limit})
+
+    def rerun_job(self, req: Request) -> Response:
+        """Run a DONE or FAILED analysis job again: QUEUED (stage stamps and error cleared), then
+        :func:`plugin.jobs.launch`. The outputs have deterministic UIDs, so a re-run replaces
+        what the destinations hold. 409 for an unfinished job (its chain is running) or a
+        forward job (nothing to compute: re-send its exports)."""
+        from plugin import jobs
+
+        jid = int(req.params["id"])
+        s = self.settings()
+        with db.session_scope(s.database.url) as session:
+            job = session.get(db.Job, jid)
+            if job is None:
+                raise HTTPError(HTTPStatus.NOT_FOUND, f"no job with id {jid}")
+            if job.kind == db.JobKind.FORWARD:
+                raise HTTPError(HTTPStatus.CONFLICT, f"job {jid} forwards the study as received: there is nothing "
+                                                     "to run again; re-send its exports instead")
+            if not job.state.finished:
+                raise HTTPError(HTTPStatus.CONFLICT, f"job {jid} is {job.state.value}: only a done or failed job "
+                                                     "can be re-run")
+            # one statement, conditional on the state, so that two clicks launch one chain
+            changed = session.execute(
+                update(db.Job).where(db.Job.id == jid, db.Job.state.in_([db.JobState.DONE, db.JobState.FAILED]))
+                .values(state=db.JobState.QUEUED, error=None, celery_id=None,
+                        **{col: None for col in set(db.Job.STAGE_STAMPS.values())})).rowcount
+            if changed != 1:
+                raise HTTPError(HTTPStatus.CONFLICT, f"job {jid} changed meanwhile: not re-run")
+            priority = job.priority
+        log.info("admin API: job %s re-run, asked from %s", jid, req.client)
+        try:
+            chain_id = jobs.launch(s, jid, priority)
+        except Exception as e:  # noqa: BLE001 - the job waits QUEUED; the node sends it when the broker is back
+            log.error("admin API: job %s: the broker refused its chain (%s); the node will send it later", jid,
+                      scrub(str(e)))
+            return Response.json({"id": jid, "state": db.JobState.QUEUED, "launched": False,
+                                  "note": "broker unreachable: the node sends the job when it is back"},
+                                 HTTPStatus.ACCEPTED)
+        return Response.json({"id": jid, "state": db.JobState.QUEUED, "launched": True, "chain": chain_id},
+                             HTTPStatus.ACCEPTED)
+
+    def retry_export(self, req: Request) -> Response:
+        """Queue one outbox row again, due now (:func:`plugin.outbox.retry`, as ``cmr-ai exports
+        retry ID``): a dead, sent or superseded row is reset and sent even if the destination
+        already holds it; the node's outbox loop sends it within seconds."""
+        from plugin import outbox
+
+        eid = int(req.params["id"])
+        res = outbox.retry(self.settings(), [eid])
+        if res.missing:
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no export with id {eid}")
+        if res.busy:
+            raise HTTPError(HTTPStatus.CONFLICT, f"export {eid} is being sent right now")
+        log.info("admin API: export %s queued again, asked from %s", eid, req.client)
+        return Response.json({"id": eid, "state": db.ExportState.PENDING, "queued": True}, HTTPStatus.ACCEPTED)
+
+    def metrics(self, req: Request) -> Response:
+        from plugin.metrics import render
+
+        body, content_type = render(self.settings)
+        return Response(HTTPStatus.OK, body, content_type)
+
+    def dashboard(self, req: Request) -> Response:
+        name = "index.html" if req.path == "/" else req.path.rsplit("/", 1)[-1]
+        body = (_DASHBOARD / name).read_bytes()
+        return Response(HTTPStatus.OK, body, DASHBOARD_FILES[name], {
+            # the page loads nothing but its own script and style, and talks to this server only
+            "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                                       "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
+                                       "form-action 'none'; frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -316,8 +426,19 @@ class AdminAPI:
             def log_message(self, fmt: str, *args) -> None:  # not to stderr; no query strings in the log
                 log.debug("admin API: %s %s", self.client_address[0], fmt % args)
 
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
-        self._server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address) -> None:  # not a traceback on stderr
+                import sys
+
+                exc = sys.exc_info()[1]
+                if isinstance(exc, (ConnectionError, TimeoutError)):  # a browser dropping a keep-alive connection
+                    log.debug("admin API: %s: %s", client_address[0], exc)
+                else:
+                    log.error("admin API: request from %s failed", client_address[0], exc_info=True)
+
+        self._server = Server((self.host, self.port), Handler)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="admin-api", daemon=True)
         self._thread.start()

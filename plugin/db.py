@@ -164,6 +164,8 @@ class Job(Base):
             for col in set(self.STAGE_STAMPS.values()):
                 setattr(self, col, None)
         elif value in self.STAGE_STAMPS and value != self.state:
+            if value == JobState.EXPORTING and self.state in (JobState.DONE, JobState.FAILED) and self.reported_at:
+                return value  # exports queued again (a re-send): the report was written when it was
             setattr(self, self.STAGE_STAMPS[value], utcnow())
         return value
 

@@ -102,3 +102,7 @@ class InferenceResult(BaseModel):
     #: outputs, timings; see :func:`worker.model.engine.run_bundle`). Built by the GPU
     #: worker, written to the database by the node's ``report`` task.
     audit: dict = Field(default_factory=dict)
+    #: Peak GPU memory of this inference, measured on the worker (``/metrics`` shows the
+    #: latest per host and device): ``{"host", "device", "peak_bytes", "peak_reserved_bytes",
+    #: "total_bytes"}`` (bytes, PyTorch's allocator); None when it ran on the CPU.
+    gpu_memory: Optional[dict] = None

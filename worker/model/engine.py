@@ -958,6 +958,9 @@ def run_bundle(engine: Engine, bundle: AnalysisBundle, model_name: str | None = 
         When a question's ``options`` and ``option_texts`` differ in length or are empty.
     """
     t0 = time.perf_counter()
+    cuda = engine.device.startswith("cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(torch.device(engine.device))
     pil = {im.key: im.to_pil() for im in bundle.images}
     findings: list[FindingResult] = []
     answers: dict[str, str] = {}
@@ -1030,7 +1033,19 @@ def run_bundle(engine: Engine, bundle: AnalysisBundle, model_name: str | None = 
         impression=impression,
         seconds=seconds,
         audit=audit,
+        gpu_memory=_gpu_memory(engine.device) if cuda else None,
     )
+
+
+def _gpu_memory(device: str) -> dict[str, Any]:
+    """Peak memory PyTorch allocated (and reserved) on ``device`` since the last reset, and its size."""
+    import socket
+
+    dev = torch.device(device)
+    return {"host": socket.gethostname(), "device": device,
+            "peak_bytes": int(torch.cuda.max_memory_allocated(dev)),
+            "peak_reserved_bytes": int(torch.cuda.max_memory_reserved(dev)),
+            "total_bytes": int(torch.cuda.get_device_properties(dev).total_memory)}
 
 
 def _png_sha256(png_b64: str) -> str:
