@@ -57,6 +57,15 @@ def _check_file(v: Optional[str]) -> Optional[str]:
     return v
 
 
+def _node_file(v: Optional[str], info: ValidationInfo) -> Optional[str]:
+    """:func:`_check_file` for a file only the node reads (``node.tls``, ``node.http_token_file``):
+    not checked when a worker loads the config (``load_settings(node_files=False)``), as a
+    GPU host that shares the node's config file need not have them."""
+    if info.context and info.context.get("node_files") is False:
+        return v
+    return _check_file(v)
+
+
 class AllowEntry(_Strict):
     """One caller the node accepts associations from (``node.allow``; docs/security.md).
 
@@ -127,10 +136,12 @@ class TlsConfig(_Strict):
     require_client_cert: bool = False
     port: Optional[int] = Field(None, ge=0, le=65535)  # an extra TLS listener; None: node.port speaks TLS
 
-    _files = field_validator("cert", "key", "ca")(_check_file)
+    _files = field_validator("cert", "key", "ca")(_node_file)
 
     @model_validator(mode="after")
-    def _usable(self) -> "TlsConfig":
+    def _usable(self, info: ValidationInfo) -> "TlsConfig":
+        if info.context and info.context.get("node_files") is False:
+            return self
         if self.require_client_cert and not self.ca:
             raise ValueError("require_client_cert needs ca (the CA certificate that signs the callers' "
                              "certificates)")
@@ -159,7 +170,9 @@ class NodeConfig(_Strict):
 
     @field_validator("http_token_file")
     @classmethod
-    def _token(cls, v: Optional[str]) -> Optional[str]:
+    def _token(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if info.context and info.context.get("node_files") is False:
+            return v
         if _check_file(v) is not None and not Path(v).expanduser().read_text().strip():
             raise ValueError(f"{v!r} is empty: put the admin API's bearer token in it (or leave http_token_file "
                              "out to have one generated)")
@@ -191,6 +204,15 @@ class QueueConfig(_Strict):
     broker: str = "embedded"  # embedded | redis://… | amqp://… | sqla+…
     worker_concurrency: int = Field(1, ge=1)  # embedded worker processes
     task_soft_time_limit: int = Field(1800, ge=10)
+    # Redis: seconds before a task taken by a worker that died is delivered again; None = 2 × task_soft_time_limit
+    visibility_timeout: Optional[int] = Field(None, ge=10)
+
+    @model_validator(mode="after")
+    def _visibility(self) -> "QueueConfig":
+        if self.visibility_timeout is not None and self.visibility_timeout <= self.task_soft_time_limit + 60:
+            raise ValueError(f"visibility_timeout {self.visibility_timeout} must exceed task_soft_time_limit + 60 s "
+                             f"({self.task_soft_time_limit + 60}): a task still running would be delivered again")
+        return self
 
     @field_validator("broker")
     @classmethod
@@ -477,8 +499,11 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def load_settings(path: str | Path, *, check_templates: bool = True) -> Settings:
+def load_settings(path: str | Path, *, check_templates: bool = True, node_files: bool = True) -> Settings:
     """Load and validate a config file.
+
+    ``node_files=False`` (``cmr-ai worker``): the files only the node reads (``node.tls``,
+    ``node.http_token_file``) are not checked; a worker on another host need not have them.
 
     Raises
     ------
@@ -512,7 +537,8 @@ def load_settings(path: str | Path, *, check_templates: bool = True) -> Settings
     settings = None
     grammar_errors: list[tuple[tuple, str]] = []
     try:
-        settings = Settings.model_validate({**raw, "source": str(path), "rules_version": rules_version(text)})
+        settings = Settings.model_validate({**raw, "source": str(path), "rules_version": rules_version(text)},
+                                           context={"node_files": node_files})
     except ValidationError as ve:
         for err in ve.errors():
             grammar = (err.get("ctx") or {}).get("error")

@@ -85,6 +85,11 @@ def launch(settings: Settings, job_id: int, priority: int = 5) -> str:
     earlier one, and a message of the earlier chain that comes back (a redelivery,
     a send that timed out but got through) changes nothing.
 
+    ``priority`` is the rule's (0–9, higher = sooner: a STAT rule has 9); every task
+    of the chain carries it, as the broker understands it
+    (:func:`worker.app.message_priority`), so a STAT job overtakes routine ones
+    queued before it, on the ``node`` queue and on the ``gpu`` queue.
+
     Raises
     ------
     Exception
@@ -94,14 +99,15 @@ def launch(settings: Settings, job_id: int, priority: int = 5) -> str:
     """
     from celery.utils import uuid
 
-    from worker.app import configure
+    from worker.app import QUEUE_GPU, QUEUE_NODE, configure, message_priority
     from worker.tasks import infer, prepare, report
 
     configure(settings)
     chain_id = uuid()
-    sig = chain(prepare.si(job_id).set(queue="node", priority=priority, task_id=chain_id),
-                infer.s().set(queue="gpu", priority=priority),
-                report.s().set(queue="node", priority=priority))
+    prio = message_priority(settings, priority)
+    sig = chain(prepare.si(job_id).set(queue=QUEUE_NODE, priority=prio, task_id=chain_id),
+                infer.s().set(queue=QUEUE_GPU, priority=prio),
+                report.s().set(queue=QUEUE_NODE, priority=prio))
     with db.session_scope(settings.database.url) as s:
         job = s.get(db.Job, job_id)
         job.celery_id = chain_id
@@ -113,7 +119,7 @@ def launch(settings: Settings, job_id: int, priority: int = 5) -> str:
             if job is not None and job.celery_id == chain_id:
                 job.celery_id = None
         raise
-    log.info("job %s: chain sent (%s)", job_id, chain_id)
+    log.info("job %s: chain sent (%s, priority %s)", job_id, chain_id, priority)
     return chain_id
 
 

@@ -80,6 +80,40 @@ def orthanc(make_orthanc):
 
 
 # ---------------------------------------------------------------------------
+# PostgreSQL
+
+PG_ADMIN = os.environ.get("CMR_AI_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture()
+def pg_url():
+    """A throw-away database on the local PostgreSQL (``CMR_AI_TEST_PG``, default
+    127.0.0.1:5432, user postgres), dropped at teardown with every connection to it.
+    Never skipped (CI has the server): a server that is down fails the test, saying so."""
+    import uuid
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+
+    from plugin import db
+
+    name = f"cmr_ai_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except OperationalError as e:
+        admin.dispose()
+        pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN} (set CMR_AI_TEST_PG): {e}", pytrace=False)
+    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    yield url
+    db.dispose_all()
+    with admin.connect() as c:
+        c.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+# ---------------------------------------------------------------------------
 # models
 
 @pytest.fixture(scope="session")

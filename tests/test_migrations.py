@@ -5,8 +5,6 @@ SQLite and on the PostgreSQL server of this machine (127.0.0.1:5432)."""
 from __future__ import annotations
 
 import multiprocessing
-import os
-import uuid
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -14,8 +12,6 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, select, text
 
 from plugin import db
-
-PG_ADMIN = os.environ.get("CMR_AI_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 #: columns the exports table gained in issue 7 (an older database lacks them)
 ISSUE7_COLUMNS = ("status", "warning", "digest", "duplicate_of", "force", "claim", "verify", "commit_uid",
@@ -29,21 +25,6 @@ def _drift(url: str) -> list:
 
 def _fresh_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'cmr-ai.db'}"
-
-
-@pytest.fixture()
-def pg_url():
-    """A throw-away database on the local PostgreSQL (never skipped: CI has the server)."""
-    name = f"cmr_ai_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-    yield url
-    db.dispose_all()
-    with admin.connect() as c:
-        c.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
-    admin.dispose()
 
 
 def test_a_new_sqlite_database_is_created_at_head_and_matches_the_models(tmp_path):

@@ -3,6 +3,12 @@
 Node-side tasks take ids and re-read the database; the GPU task takes the bundle
 and returns the inference result, touching neither the store nor the database.
 Every task is idempotent and named explicitly.
+
+Transient errors — the database or the broker briefly away (PostgreSQL restarting,
+SQLite busy, a lost connection) — are retried by Celery with exponential back-off
+(:data:`TRANSIENT`, :data:`RETRY`). A retry is the same task of the same chain
+(``root_id``), so the chain guard of :func:`plugin.jobs.set_state` still holds, and
+running a stage again replaces what it wrote (deterministic UIDs, unique outbox rows).
 """
 from __future__ import annotations
 
@@ -15,7 +21,9 @@ from pathlib import Path
 from contextlib import contextmanager
 
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from plugin import db
 from plugin.storage import write_atomic
@@ -24,16 +32,20 @@ from worker.bundle import AnalysisBundle, InferenceResult
 
 log = logging.getLogger("cmr_ai.tasks")
 
+#: errors that go away by themselves: retried (node-side tasks), never a failed job
+TRANSIENT = (OperationalError, InterfaceError, BrokerError)
+#: Celery options of the node-side tasks: retry TRANSIENT errors after ~2, 4, 8 … 60 s (~6 min in all)
+RETRY = dict(autoretry_for=TRANSIENT, retry_backoff=2, retry_backoff_max=60, retry_jitter=True, max_retries=10)
+
 
 @contextmanager
 def job_stage(task, settings, job_id: int, stage: str):
     """Turn an unexpected error of a node-side stage into a failed job with the reason.
 
-    Database hiccups (SQLite busy, PostgreSQL restarting) are retried by Celery; a
-    job is never left half-way in PREPARING or REPORTING without a reason.
+    Database hiccups (SQLite busy, PostgreSQL restarting: :data:`TRANSIENT`) go on to
+    Celery, which retries the task (:data:`RETRY`); a job is never left half-way in
+    PREPARING or REPORTING without a reason.
     """
-    from sqlalchemy.exc import OperationalError
-
     from plugin import jobs
 
     chain_id = task.request.root_id
@@ -41,9 +53,9 @@ def job_stage(task, settings, job_id: int, stage: str):
         yield
     except (Ignore, Retry):
         raise
-    except OperationalError as e:
-        log.warning("%s: job %s: database error, retrying: %s", stage, job_id, e)
-        raise task.retry(exc=e, countdown=5, max_retries=5)
+    except TRANSIENT as e:
+        log.warning("%s: job %s: transient error, retried (%d so far): %s", stage, job_id, task.request.retries, e)
+        raise
     except SoftTimeLimitExceeded:
         jobs.fail(settings, job_id, f"{stage}: time limit exceeded", chain_id=chain_id)
         raise Ignore()
@@ -76,7 +88,7 @@ def record_result(s, job_row, result: InferenceResult) -> None:
                     device=result.device, quantization=result.quantization, audit=result.audit)
 
 
-@app.task(name="cmr_ai.prepare", bind=True)
+@app.task(name="cmr_ai.prepare", bind=True, **RETRY)
 def prepare(self, job_id: int) -> dict:
     """Classify the study's series, pick phases and slices, render the analysis bundle."""
     from plugin import jobs
@@ -122,6 +134,8 @@ def infer(self, bundle_data: dict) -> dict:
     """Run the model on the bundle. Needs only the broker and the model directory."""
     bundle = AnalysisBundle.model_validate(bundle_data)
     settings = get_settings()
+    log.info("infer: job %s: started (priority %s%s)", bundle.job_id, self.request.delivery_info.get("priority"),
+             ", delivered again" if self.request.delivery_info.get("redelivered") else "")
     try:
         from worker.demo_model import resolve_model_path
         from worker.model.engine import get_engine, load_calibration, run_bundle
@@ -144,7 +158,7 @@ def infer(self, bundle_data: dict) -> dict:
     return data
 
 
-@app.task(name="cmr_ai.report", bind=True)
+@app.task(name="cmr_ai.report", bind=True, **RETRY)
 def report(self, result_data: dict) -> None:
     """Build the SR, the narrative SR, the SC and the GSPS; put them in the outbox; send."""
     import pydicom
@@ -217,5 +231,8 @@ def report(self, result_data: dict) -> None:
         log.warning("job %s: critical findings need urgent review: %s", job_id,
                     ", ".join(f"{f}={o}" for f, o in safety.criticals))
         notify_critical(safety.criticals, job_id, settings.safety.critical_hook)
-    outbox.flush(settings, job_id)
-    outbox.settle_job(settings, job_id)
+    try:  # the results are committed: a database hiccup here is the node's outbox loop's to finish
+        outbox.flush(settings, job_id)
+        outbox.settle_job(settings, job_id)
+    except TRANSIENT as e:
+        log.warning("report: job %s: sending left to the outbox loop: %s", job_id, e)
