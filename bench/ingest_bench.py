@@ -74,6 +74,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # peers.py: the Orthanc the tests use
 
+from plugin.progress import add_arguments as add_progress_arguments  # noqa: E402
+from plugin.progress import enabled as progress_enabled  # noqa: E402
+from plugin.progress import rich_progress  # noqa: E402
+
 STORESCU = "/usr/bin/storescu"  # dcmtk's; the venv's pynetdicom `storescu` shadows it on PATH
 PHASES = 25  # cine phases per slice of the generated short-axis stack
 SIZE = 256
@@ -695,6 +699,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="where the study, the receivers' storage and the logs go (default: a temporary folder); "
                          "a study already there is reused")
     ap.add_argument("--profile", action="store_true", help="one more cmr-ai run (1 sender) under cProfile")
+    add_progress_arguments(ap)
     ap.add_argument("--bare-scp", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     ap.add_argument("--profiled-serve", nargs=2, metavar=("OUT", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -711,7 +716,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error(f"{STORESCU} missing: install the Debian package dcmtk")
 
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
     if args.workdir is None:
@@ -725,8 +730,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     profile_path = workdir / "profile" / "cmr-ai.prof"
     rc = 1
     try:
-        with Progress(TextColumn("{task.description:<40}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:
+        with rich_progress(progress_enabled(args.progress), TextColumn("{task.description:<40}"), BarColumn(),
+                           TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()) as progress:
             task = progress.add_task(f"writing the {args.instances}-image study", total=None)
             paths = make_study(workdir / "study", args.instances)
             nbytes = sum(p.stat().st_size for p in paths)

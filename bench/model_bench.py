@@ -60,6 +60,8 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
+from plugin import progress as _bars  # noqa: E402
+
 from plugin import phantom  # noqa: E402
 from plugin.cardiac import analyse_paths  # noqa: E402
 from plugin.reports.template import load_template  # noqa: E402
@@ -178,9 +180,14 @@ def interleaved(repeat: int, ways: dict[str, tuple[str, Callable[[], object]]],
     return timings, values
 
 
+#: --progress / --no-progress (None: bars on stderr when it is a terminal)
+SHOW_PROGRESS: bool | None = None
+
+
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=console, transient=True)
+    """Bars on stderr (results stay alone on stdout), off unless stderr is a terminal or --progress."""
+    return _bars.rich_progress(_bars.enabled(SHOW_PROGRESS), TextColumn("{task.description:<34}"), BarColumn(),
+                               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
 
 
 # --------------------------------------------------------------------------- CPU mode
@@ -352,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
                                         "(default <CMR_AI_MODEL_CACHE or var/models>/demo)")
     ap.add_argument("--synthetic-7b", action="store_true",
                     help="GPU mode: random LLaVA-7B-shaped model, nf4 vs fp16 (needs CUDA)")
+    _bars.add_arguments(ap)
     args = ap.parse_args(argv)
+    global SHOW_PROGRESS
+    SHOW_PROGRESS = args.progress
     if args.repeat < 1 or not math.isfinite(args.repeat):
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
     return synthetic_7b_mode(args) if args.synthetic_7b else cpu_mode(args)

@@ -22,7 +22,8 @@ page cache (written just before):
                      renders the dozen ED/ES frames it picks);
 
 and prints images per second for each, the ratios ("prepare vs read headers: 1.8x the
-time") and where the prepare time goes. A rich progress bar shows what runs.
+time") and where the prepare time goes. A rich progress bar on stderr shows what runs (when
+stderr is a terminal, or with ``--progress``).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from plugin import phantom  # noqa: E402
+from plugin import progress as _bars  # noqa: E402
 from plugin.cardiac import classify_study, load_study, prepare_images  # noqa: E402
 
 STUDY = dict(slices=12, phases=25, size=256, seed=5)
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is reported")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where the studies are written and kept (default: a temporary folder, removed)")
+    _bars.add_arguments(ap)
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat must be >= 1, got {args.repeat}")
@@ -161,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp.name)
     results = []
     try:
-        with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:
+        # bars on stderr: the results alone on stdout; off unless stderr is a terminal or --progress
+        with _bars.rich_progress(_bars.enabled(args.progress), TextColumn("{task.description:<28}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn()) as progress:
             for style in args.styles:
                 results.append(bench_style(style, workdir / style, args.repeat, progress))
     finally:

@@ -1,4 +1,5 @@
-"""``cmr-ai`` command line: serve | worker | phantom | demo | inspect | rules check|explain|test | audit export."""
+"""``cmr-ai`` command line: serve | worker | phantom | demo | status | inspect | rules check|explain|test |
+audit export | report show | exports list|retry|purge."""
 from __future__ import annotations
 
 import argparse
@@ -18,11 +19,11 @@ def _logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _load(path: str):
+def _load(path: str, *, node_files: bool = True):
     from plugin.config import ConfigError, load_settings
 
     try:
-        return load_settings(path)
+        return load_settings(path, node_files=node_files)
     except ConfigError as e:
         for line in e.errors:
             print(line, file=sys.stderr)
@@ -56,7 +57,7 @@ def cmd_serve(args) -> int:
 def cmd_worker(args) -> int:
     _logging(args.verbose)
     os.environ["CMR_AI_CONFIG"] = os.path.abspath(args.config)
-    settings = _load(args.config)
+    settings = _load(args.config, node_files=False)  # node.tls, node.http_token_file: the node's host only
     _phi_policy(settings, args.debug_phi)
     from worker.app import app, configure
 
@@ -80,13 +81,20 @@ def cmd_phantom(args, rest: list[str]) -> int:
 def cmd_demo(args) -> int:
     from plugin.demo import run_demo
 
-    return run_demo(workdir=args.workdir, keep_running=False, verbose=args.verbose)
+    return run_demo(workdir=args.workdir, keep_running=False, verbose=args.verbose, progress=args.progress)
+
+
+def cmd_status(args) -> int:
+    from plugin.status import command
+
+    return command(args)
 
 
 def cmd_inspect(args) -> int:
     import warnings
 
-    from plugin.cardiac.inspect import inspect_study, print_report, render_contact_sheet
+    from plugin.cardiac.inspect import INSPECT_STEPS, inspect_study, print_report, render_contact_sheet
+    from plugin.progress import Bars, enabled
 
     if args.verbose:
         _logging(True)
@@ -98,7 +106,16 @@ def cmd_inspect(args) -> int:
         with warnings.catch_warnings():
             if not args.verbose:
                 warnings.simplefilter("ignore")
-            report = inspect_study(args.study_dir)
+            with Bars(enabled(args.progress)) as bars:
+                task = bars.add(f"inspecting {args.study_dir}", total=INSPECT_STEPS)
+
+                steps = iter(range(INSPECT_STEPS))
+
+                def step(what: str) -> None:
+                    task.update(completed=next(steps, INSPECT_STEPS - 1), description=f"inspect: {what}")
+
+                report = inspect_study(args.study_dir, step=step)
+                task.update(completed=INSPECT_STEPS, description=f"inspected {args.study_dir}")
     except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"cmr-ai inspect: error: {e}", file=sys.stderr)
         return 2
@@ -327,6 +344,8 @@ def cmd_report_show(args) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from plugin import progress as _progress
+
     p = argparse.ArgumentParser(prog="cmr-ai", description="AI drafts for cardiac MRI, as a DICOM node.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -353,13 +372,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     sp = sub.add_parser("demo", help="run the whole path once on a synthetic study")
     sp.add_argument("--workdir", default="./var/demo")
     sp.add_argument("-v", "--verbose", action="store_true")
+    _progress.add_arguments(sp)
     sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("status", help="queue depths, recent jobs with stage times, studies by state, the outbox")
+    sp.add_argument("--config", required=True)
+    sp.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    sp.add_argument("--limit", type=int, default=20, help="recent jobs shown (default 20; 0: all)")
+    sp.set_defaults(fn=cmd_status)
 
     sp = sub.add_parser("inspect", help="what the node understands of a study folder, and what the model sees")
     sp.add_argument("study_dir", help="folder of DICOM files (searched recursively, any file name)")
     sp.add_argument("--json", action="store_true", help="print the report as JSON only")
     sp.add_argument("--sheet", metavar="OUT.png", help="write a contact sheet of the analysis images")
     sp.add_argument("-v", "--verbose", action="store_true")
+    _progress.add_arguments(sp)
     sp.set_defaults(fn=cmd_inspect)
 
     sp = sub.add_parser("rules", help="routing rules")

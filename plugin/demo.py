@@ -4,6 +4,10 @@ Generates a synthetic cardiac study, starts ``cmr-ai serve`` on a free port (wit
 embedded Celery worker), sends the study over real C-STORE (dcmtk's storescu when
 installed, else pynetdicom), waits for the job and prints the findings with their
 probabilities, the impression and where the SR and SC were written.
+
+Results go to stdout; progress (each step, the files sent, the job's stages) goes to
+stderr as rich bars when stderr is a terminal or ``--progress`` is given
+(:mod:`plugin.progress`), as plain lines when forced on elsewhere.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 from rich.console import Console
 from rich.table import Table
@@ -50,14 +55,20 @@ rules:
     return cfg
 
 
-def send_study(port: int, study_dir: Path, aet: str = "DEMO_SCANNER") -> str:
-    """C-STORE every file of ``study_dir`` to the node; returns which sender was used."""
+def send_study(port: int, study_dir: Path, aet: str = "DEMO_SCANNER",
+               sent: Optional[Callable[[int], None]] = None) -> str:
+    """C-STORE every file of ``study_dir`` to the node; returns which sender was used.
+
+    ``sent(n)`` is called as instances go out (dcmtk's storescu: once, with all of them).
+    """
+    sent = sent or (lambda _n: None)
     if Path("/usr/bin/storescu").exists():
         cmd = ["/usr/bin/storescu", "-aet", aet, "-aec", "CMR_AI", "+sd", "+r", "+sp", "*.dcm", "-R", "-xr",
                "127.0.0.1", str(port), str(study_dir)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"storescu failed ({r.returncode}): {r.stderr[-2000:]}")
+        sent(sum(1 for _ in study_dir.rglob("*.dcm")))
         return "dcmtk storescu"
     from pydicom import dcmread
     from pynetdicom import AE
@@ -73,6 +84,7 @@ def send_study(port: int, study_dir: Path, aet: str = "DEMO_SCANNER") -> str:
             st = assoc.send_c_store(dcmread(p))
             if not st or st.Status != 0:
                 raise RuntimeError(f"C-STORE of {p} failed: {st}")
+            sent(1)
     finally:
         assoc.release()
     return "pynetdicom"
@@ -90,8 +102,20 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
     raise RuntimeError(f"the node did not listen on port {port} within {timeout:.0f} s")
 
 
+#: the job states the demo's last bar walks through, in order
+_JOB_STEPS = ("queued", "preparing", "inferring", "reporting", "exporting", "done")
+
+
 def run_demo(workdir: str | Path = "./var/demo", *, keep_running: bool = False, verbose: bool = False,
-             timeout: float = 900) -> int:
+             timeout: float = 900, progress: Optional[bool] = None) -> int:
+    """Run the demo; ``progress``: show bars on stderr (None: when stderr is a terminal)."""
+    from plugin.progress import Bars, enabled
+
+    with Bars(enabled(progress)) as bars:
+        return _run_demo(bars, workdir, keep_running=keep_running, timeout=timeout)
+
+
+def _run_demo(bars, workdir: str | Path, *, keep_running: bool, timeout: float) -> int:
     from plugin import db
     from plugin.config import load_settings
     from plugin.phantom import write_study
@@ -109,11 +133,16 @@ def run_demo(workdir: str | Path = "./var/demo", *, keep_running: bool = False, 
     cfg = write_config(workdir, port, out_dir)
     settings = load_settings(cfg)
 
-    with console.status("building the tiny demo model (once; cached)…"):
-        model_dir = resolve_model_path("demo")
+    steps = bars.add("demo", total=5)
+    task = bars.add("building the tiny demo model (once; cached)")
+    model_dir = resolve_model_path("demo")
+    task.done()
+    steps.advance()
     console.print(f"[green]✓[/] demo model: {model_dir}")
-    with console.status("writing a synthetic cardiac MR study…"):
-        truth = write_study(workdir / "study", style="siemens", seed=7)
+    task = bars.add("writing a synthetic cardiac MR study")
+    truth = write_study(workdir / "study", style="siemens", seed=7)
+    task.done()
+    steps.advance()
     n_files = sum(1 for _ in (workdir / "study").rglob("*.dcm"))
     console.print(f"[green]✓[/] phantom study: {n_files} instances, EF {truth.ef:.2f} "
                   f"(study {truth.study_instance_uid})")
@@ -123,32 +152,41 @@ def run_demo(workdir: str | Path = "./var/demo", *, keep_running: bool = False, 
     node = subprocess.Popen([sys.executable, "-m", "plugin.cli", "serve", "--config", str(cfg)],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        with console.status(f"starting the node on port {port}…"):
-            _wait_port(port, node)
+        task = bars.add(f"starting the node on port {port}")
+        _wait_port(port, node)
+        task.done()
+        steps.advance()
         console.print(f"[green]✓[/] node listening on 127.0.0.1:{port} (log: {workdir / 'node.log'})")
         t_send = time.monotonic()
-        with console.status("sending the study over C-STORE…"):
-            sender = send_study(port, workdir / "study")
+        task = bars.add("sending the study over C-STORE", total=n_files)
+        sender = send_study(port, workdir / "study", sent=task.advance)
+        task.done()
+        steps.advance()
         console.print(f"[green]✓[/] sent with {sender} in {time.monotonic() - t_send:.1f} s")
         job = None
-        with console.status("waiting for the study to complete and the job to run…") as status:
-            end = time.monotonic() + timeout
-            while time.monotonic() < end:
-                if node.poll() is not None:
-                    raise RuntimeError(f"the node exited with {node.returncode}; see {workdir / 'node.log'}")
-                with db.session_scope(settings.database.url) as s:
-                    from sqlalchemy import select
+        task = bars.add("waiting for the study to complete (stable_after 2 s)", total=len(_JOB_STEPS) - 1)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if node.poll() is not None:
+                raise RuntimeError(f"the node exited with {node.returncode}; see {workdir / 'node.log'}")
+            with db.session_scope(settings.database.url) as s:
+                from sqlalchemy import select
 
-                    job = s.scalar(select(db.Job).order_by(db.Job.id.desc()).limit(1))
-                    if job is not None:
-                        status.update(f"job {job.id}: {job.state.value}…")
-                        if job.state.finished:
-                            exports = [(e.kind, e.destination, e.sop_instance_uid, e.state.value)
-                                       for e in job.exports]
-                            break
-                time.sleep(0.5)
-            else:
-                raise RuntimeError(f"no finished job after {timeout:.0f} s; see {workdir / 'node.log'}")
+                job = s.scalar(select(db.Job).order_by(db.Job.id.desc()).limit(1))
+                if job is not None:
+                    state = job.state.value
+                    task.update(description=f"job {job.id}: {state}",
+                                completed=_JOB_STEPS.index(state) if state in _JOB_STEPS else len(_JOB_STEPS) - 1)
+                    if job.state.finished:
+                        exports = [(e.kind, e.destination, e.sop_instance_uid, e.state.value)
+                                   for e in job.exports]
+                        break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"no finished job after {timeout:.0f} s; see {workdir / 'node.log'}")
+        task.done()
+        steps.advance()
+        steps.done()
         elapsed = time.monotonic() - t_send
         if job.state != db.JobState.DONE:
             console.print(f"[red]✗ job {job.id} {job.state.value}: {job.error}[/]")

@@ -52,6 +52,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dead", action="store_true", help="every dead export (of --destination)")
     p.add_argument("--destination", help="with --dead: only the dead exports for this destination")
     p.add_argument("--now", action="store_true", help="send them now from this process, and show the outcome")
+    from plugin.progress import add_arguments
+
+    add_arguments(p)  # --progress / --no-progress: a bar per destination for --now (stderr)
     p.set_defaults(fn=cmd_retry)
 
     p = esub.add_parser("purge", help="delete old sent rows and/or dead rows (a dry run without --yes)")
@@ -226,7 +229,7 @@ def cmd_retry(args) -> int:
     if not args.now:
         console.print("the running node sends them within seconds (or: cmr-ai exports retry --now ID...)")
         return 1 if res.busy else 0
-    n = outbox.flush(settings, export_ids=res.queued)
+    n = _flush_with_progress(settings, res.queued, getattr(args, "progress", None))
     rows = sorted(outbox.list_exports(settings), key=lambda r: r.id)
     rows = [r for r in rows if r.id in set(res.queued)]
     console.print(_table(rows, title=f"sent now: {n}"))
@@ -235,6 +238,30 @@ def cmd_retry(args) -> int:
         console.print(f"{len(left)} not delivered: " + ", ".join(f"{r.id} {r.state.value}" for r in left))
         return 1
     return 1 if res.busy else 0
+
+
+def _flush_with_progress(settings, ids: list[int], progress: Optional[bool]) -> int:
+    """``outbox.flush`` of ``ids``, one destination at a time (so one association / STOW session
+    each, as a single flush would), with a bar on stderr when progress is on."""
+    from plugin import outbox
+    from plugin.progress import Bars, enabled
+
+    with db.session_scope(settings.database.url) as s:
+        from sqlalchemy import select
+
+        dest = dict(s.execute(select(db.Export.id, db.Export.destination).where(db.Export.id.in_(ids))).all())
+    groups: dict[str, list[int]] = {}
+    for i in ids:
+        groups.setdefault(dest.get(i, ""), []).append(i)
+    n = 0
+    with Bars(enabled(progress)) as bars:
+        task = bars.add(f"sending {len(ids)} export{'s' if len(ids) != 1 else ''}", total=len(ids))
+        for name, group in sorted(groups.items()):
+            task.update(description=f"sending to {name or '?'}")
+            n += outbox.flush(settings, export_ids=group)
+            task.advance(len(group))
+        task.update(description=f"sent {n} of {len(ids)} exports")
+    return n
 
 
 def cmd_purge(args) -> int:

@@ -86,7 +86,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pydicom
@@ -1184,7 +1184,8 @@ def write_study(out_dir: str | Path, *, style: str = "siemens", seed: int = 0, e
                 patient_id: str | None = None, transfer_syntax: str | None = None,
                 descriptions: str | None = None, legacy_enhanced: bool = False, lge: bool = False,
                 lge_enhancement: bool = True,
-                view_angles: Mapping[str, float] | None = None) -> PhantomTruth:
+                view_angles: Mapping[str, float] | None = None,
+                on_series: Callable[[str, int, int], None] | None = None) -> PhantomTruth:
     """Write a synthetic CMR study (localizer, SAX cine stack, 2/3/4-chamber cines, optional LGE).
 
     Parameters
@@ -1199,6 +1200,8 @@ def write_study(out_dir: str | Path, *, style: str = "siemens", seed: int = 0, e
     legacy_enhanced: cines (and LGE) as Legacy Converted Enhanced MR Image objects.
     lge: add an LGE series (``truth.series["LGE"]``); ``lge_enhancement``: with an infarct.
     view_angles: oblique long-axis planes, degrees on the AHA ring per view.
+    on_series: called as ``on_series(view, written, total)`` after each series is written
+        (``cmr-ai phantom`` drives its progress bar with it); it changes no byte.
     (The variants are described in the module docstring.)
 
     Returns
@@ -1270,7 +1273,9 @@ def write_study(out_dir: str | Path, *, style: str = "siemens", seed: int = 0, e
     if lge:
         order.append(("LGE", sax, sax_spacing, 25.0, _Contrast(lge=True, enhancement=lge_enhancement)))
     cine_type = ["ORIGINAL", "PRIMARY", "M", "ND"] if style == "siemens" else ["ORIGINAL", "PRIMARY", "OTHER"]
-    for view, planes, spacing, minutes, contrast in order:
+    report = on_series or (lambda _view, _done, _total: None)
+    report("LOCALIZER", 1, 1 + len(order))
+    for k, (view, planes, spacing, minutes, contrast) in enumerate(order, start=2):
         n_ph = 1 if contrast.lge else phases
         step = 0.5 if contrast.lge else 0.25  # LGE: one breath-hold per slice
         items = [(pl, ph, minutes + i * step) for i, pl in enumerate(planes) for ph in range(n_ph)]
@@ -1283,6 +1288,7 @@ def write_study(out_dir: str | Path, *, style: str = "siemens", seed: int = 0, e
         else:
             _write_classic_series(out, ctx, vendor, anatomy, items=items, cine=not contrast.lge,
                                   image_type=cine_type, **common)
+        report(view, k, 1 + len(order))
 
     edv = anatomy.lv_volume_ml(0)
     esv = anatomy.lv_volume_ml(anatomy.es_phase)
@@ -1436,6 +1442,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-lge-enhancement", action="store_true", help="LGE without the inferolateral infarct")
     ap.add_argument("--view-angle", action="append", default=[], metavar="VIEW=DEG",
                     help="oblique long-axis plane, e.g. 4CH=100 (degrees on the AHA ring)")
+    from plugin.progress import add_arguments
+
+    add_arguments(ap)
     args = ap.parse_args(argv)
     try:
         view_angles = {}
@@ -1454,12 +1463,21 @@ def main(argv: list[str] | None = None) -> int:
             paths = write_ct(args.out_dir, seed=args.seed)
             print(f"wrote {len(paths)} CT files under {args.out_dir}")
         else:
-            truth = write_study(args.out_dir, style=args.style, seed=args.seed, ef=args.ef,
-                                effusion_mm=args.effusion_mm, slices=args.slices,
-                                phases=args.phases, size=args.size, transfer_syntax=args.transfer_syntax,
-                                descriptions=args.descriptions, legacy_enhanced=args.legacy_enhanced,
-                                lge=args.lge, lge_enhancement=not args.no_lge_enhancement,
-                                view_angles=view_angles or None)
+            from plugin.progress import Bars, enabled
+
+            with Bars(enabled(args.progress)) as bars:
+                task = bars.add(f"phantom: writing {args.style} series", total=6 if args.lge else 5)
+
+                def on_series(view: str, done: int, total: int) -> None:
+                    task.update(completed=done, total=total, description=f"phantom: wrote {view}")
+
+                truth = write_study(args.out_dir, style=args.style, seed=args.seed, ef=args.ef,
+                                    effusion_mm=args.effusion_mm, slices=args.slices,
+                                    phases=args.phases, size=args.size, transfer_syntax=args.transfer_syntax,
+                                    descriptions=args.descriptions, legacy_enhanced=args.legacy_enhanced,
+                                    lge=args.lge, lge_enhancement=not args.no_lge_enhancement,
+                                    view_angles=view_angles or None, on_series=on_series)
+                task.update(description=f"phantom: {args.out_dir}")
             print(truth.to_json())
     except (ValueError, RuntimeError) as exc:
         print(f"phantom: error: {exc}", file=sys.stderr)

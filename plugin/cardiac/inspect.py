@@ -25,7 +25,7 @@ import os
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
@@ -323,7 +323,12 @@ def _problem_lines(problems: list[FileProblem]) -> list[str]:
 # ---------------------------------------------------------------------------- public
 
 
-def inspect_study(study_dir: str | os.PathLike, *, size: int = 224) -> StudyReport:
+#: how many times :func:`inspect_study` calls its ``step`` callback
+INSPECT_STEPS = 5
+
+
+def inspect_study(study_dir: str | os.PathLike, *, size: int = 224,
+                  step: Optional[Callable[[str], None]] = None) -> StudyReport:
     """Inspect every file under ``study_dir`` as the node would analyse it.
 
     Parameters
@@ -332,6 +337,9 @@ def inspect_study(study_dir: str | os.PathLike, *, size: int = 224) -> StudyRepo
         A folder (searched recursively; every file, whatever its name) or one file.
     size
         Edge of the rendered analysis images, as ``prepare`` renders them.
+    step
+        Called with a short description as each of the :data:`INSPECT_STEPS` begins
+        (``cmr-ai inspect`` drives its progress bar with it).
 
     Returns
     -------
@@ -348,6 +356,8 @@ def inspect_study(study_dir: str | os.PathLike, *, size: int = 224) -> StudyRepo
     root = Path(study_dir)
     if not root.exists():
         raise FileNotFoundError(f"study folder {os.fspath(root)!r} does not exist")
+    step = step or (lambda _what: None)
+    step("listing files")
     paths = [root] if root.is_file() else _walk(root)
     base = root.parent if root.is_file() else root
 
@@ -357,6 +367,7 @@ def inspect_study(study_dir: str | os.PathLike, *, size: int = 224) -> StudyRepo
         except ValueError:
             return os.fspath(path)
 
+    step(f"reading {len(paths)} file{'s' if len(paths) != 1 else ''}")
     study = _load(paths)
     skipped = []
     for sk in study.skipped:
@@ -370,9 +381,11 @@ def inspect_study(study_dir: str | os.PathLike, *, size: int = 224) -> StudyRepo
             pass
         skipped.append(SkippedFile(path=rel(sk.path), reason=reason))
     skipped.sort(key=lambda s: s.path)
+    step("checking pixel data")
     problems = _file_problems(study, rel)
 
     error: Optional[str] = None
+    step("classifying series")
     try:
         classifications = classify_study(study)
     except Exception as e:  # noqa: BLE001 - report, never crash
@@ -384,6 +397,7 @@ def inspect_study(study_dir: str | os.PathLike, *, size: int = 224) -> StudyRepo
     images: list[BundleImage] = []
     limitations: list[str] = []
     selections: dict[View, Selection] = {}
+    step("preparing the analysis images")
     if error is None:
         try:
             prepared = prepare_study(study, classifications, size=size)
