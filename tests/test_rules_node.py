@@ -129,7 +129,7 @@ def test_a_broken_edit_is_refused_and_logged_a_valid_one_takes_effect(tmp_path):
             db.StudyState.IGNORED, "ignore-everything", v1, [])
 
         v2 = node.write(BROKEN)
-        wait_for("the broken file to be refused", lambda: "refused" in node.log.read_text(), log=node.log)
+        wait_for("the broken file to be refused", lambda: "error(s): refused" in node.log.read_text(), log=node.log)
         log = node.log.read_text()
         assert f"config {node.config} changed (version {v2}) but has 3 error(s): refused; rules version {v1} " \
                "stays in force" in log
