@@ -16,7 +16,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
                       field_validator, model_validator)
@@ -55,6 +55,14 @@ def _check_file(v: Optional[str]) -> Optional[str]:
     if not os.access(p, os.R_OK):
         raise ValueError(f"{v!r}: not readable by this user")
     return v
+
+
+def _close_keyword(key: str) -> Optional[str]:
+    from pydicom.datadict import DicomDictionary
+
+    words = [e[4] for e in DicomDictionary.values() if e[4]]
+    hint = difflib.get_close_matches(key, words, n=1)
+    return hint[0] if hint else None
 
 
 def _node_file(v: Optional[str], info: ValidationInfo) -> Optional[str]:
@@ -240,12 +248,39 @@ class DimseTarget(_Strict):
     _ae = field_validator("ae_title")(_check_ae)
 
 
+class WebAuth(_Strict):
+    """``auth:`` of a DICOMweb peer: HTTP basic (``username`` + ``password``) or a bearer token
+    read from ``token_file``."""
+
+    username: Optional[str] = None
+    password: Optional[str] = None
+    token_file: Optional[str] = None
+
+    _file = field_validator("token_file")(_node_file)
+
+    @model_validator(mode="after")
+    def _one(self) -> "WebAuth":
+        if self.token_file and self.username:
+            raise ValueError("give either username/password (HTTP basic) or token_file (bearer token), not both")
+        if self.password is not None and not self.username:
+            raise ValueError("password without username")
+        if not self.token_file and not self.username:
+            raise ValueError("expected username (+ password) or token_file")
+        return self
+
+
 class DicomwebTarget(_Strict):
+    """A DICOMweb peer: a destination (STOW-RS) or a source (QIDO-RS + WADO-RS).
+
+    Credentials either flat (``username``, ``password``, ``token_file``) or under ``auth:``.
+    """
+
     url: str
     username: Optional[str] = None
     password: Optional[str] = None
     token_file: Optional[str] = None
-    timeout: float = 60.0
+    auth: Optional[WebAuth] = None
+    timeout: float = Field(60.0, gt=0)  # seconds for each HTTP request (connect, and between bytes received)
 
     @field_validator("url")
     @classmethod
@@ -253,6 +288,52 @@ class DicomwebTarget(_Strict):
         if not re.match(r"^https?://", v):
             raise ValueError(f"{v!r} is not an http(s) URL")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _auth(self) -> "DicomwebTarget":
+        if self.auth is not None and (self.username or self.password or self.token_file):
+            raise ValueError("credentials given twice: use auth: or username/password/token_file, not both")
+        return self
+
+    @property
+    def credentials(self) -> tuple[Optional[str], Optional[str], Optional[str]]:
+        """(username, password, token_file), from ``auth:`` or the flat keys."""
+        a = self.auth or self
+        return a.username, a.password, a.token_file
+
+
+class Source(_Strict):
+    """An archive the node pulls studies from (``sources:``; :mod:`plugin.dicomweb.pull`).
+
+    ``query`` holds QIDO-RS study filters (DICOM keywords or ``GGGGEEEE`` tags, e.g.
+    ``{ModalitiesInStudy: MR}``); the poller adds ``StudyDate`` for its date window of
+    ``window_days`` (today and the days before). ``poll_every``: seconds between queries,
+    0 = only on demand (``cmr-ai pull``). An archive that fails or times out is asked
+    again after a back-off that doubles up to ``max_backoff`` seconds.
+    """
+
+    dicomweb: DicomwebTarget
+    query: dict[str, Union[str, int, float, list[str]]] = Field(default_factory=dict)
+    poll_every: float = Field(60.0, ge=0)
+    window_days: int = Field(1, ge=0)  # 0: no date filter (every study the query matches)
+    limit: int = Field(100, ge=1, le=10000)  # studies asked for per query (QIDO-RS limit)
+    max_backoff: float = Field(900.0, ge=1)
+
+    @field_validator("query")
+    @classmethod
+    def _keys(cls, v: dict) -> dict:
+        from pydicom.datadict import keyword_for_tag, tag_for_keyword
+
+        for key in v:
+            if re.fullmatch(r"[0-9A-Fa-f]{8}", key):
+                if not keyword_for_tag(int(key, 16)):
+                    raise ValueError(f"{key!r} is not a tag of the DICOM dictionary")
+            elif tag_for_keyword(key) is None:
+                hint = _close_keyword(key)
+                raise ValueError(f"{key!r} is not a DICOM keyword" + (f"; did you mean {hint!r}?" if hint else ""))
+            if key in ("StudyDate", "00080020", "limit", "offset"):
+                raise ValueError(f"{key!r} is set by the poller (window_days, limit): leave it out of query")
+        return v
 
 
 class Destination(_Strict):
@@ -384,6 +465,7 @@ class Settings(_Strict):
     queue: QueueConfig = Field(default_factory=QueueConfig)
     models: dict[str, ModelConfig] = Field(default_factory=lambda: {"demo": ModelConfig(path="demo")})
     destinations: dict[str, Destination] = Field(default_factory=dict)
+    sources: dict[str, Source] = Field(default_factory=dict)  # DICOMweb archives to pull from
     rules: list[Rule] = Field(default_factory=list)
     templates_dir: Optional[str] = None
     safety: SafetyConfig = Field(default_factory=SafetyConfig)

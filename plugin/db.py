@@ -215,6 +215,35 @@ class Export(Base):
         return self.state == ExportState.SENT and bool(self.verify) and self.confirmed_at is None
 
 
+class PullState(str, enum.Enum):
+    PULLING = "pulling"  # a pull is fetching it now (heartbeat refreshed as instances arrive)
+    DONE = "done"  # every instance the archive listed is stored here
+    FAILED = "failed"  # the last pull failed (part of the study may be here); tried again after next_attempt
+
+
+class SourceStudy(Base):
+    """A study seen in a DICOMweb source (``sources:``): the poller's memory, and the hold on routing.
+
+    A study with a pull in progress (fresh ``heartbeat``) or failed part-way is not routed
+    (:meth:`plugin.node.Node.check_studies`), so a half-pulled study is never analysed.
+    """
+
+    __tablename__ = "source_studies"
+    __table_args__ = (UniqueConstraint("source", "study_instance_uid", name="uq_source_study"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(64), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[PullState] = mapped_column(Enum(PullState, native_enum=False, length=16), index=True)
+    archive_instances: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)  # as the archive last said
+    pulled: Mapped[int] = mapped_column(Integer, default=0)  # instances stored by pulls (all attempts)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # failed attempts in a row
+    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)  # the last failure, as the archive said it
+    first_seen: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)  # last progress of a pull
+    finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)
+    next_attempt: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)
+
+
 class Audit(Base):
     """What one inference saw and said, for audit and drift review (one row per job).
 

@@ -51,11 +51,12 @@ def client(target: DicomwebTarget, session: Optional[requests.Session] = None) -
         When ``token_file`` cannot be read.
     """
     session = session or requests.Session()
-    if target.username:
-        session.auth = (target.username, target.password or "")
+    username, password, token_file = target.credentials
+    if username:
+        session.auth = (username, password or "")
     headers = None
-    if target.token_file:
-        token = Path(target.token_file).expanduser().read_text().strip()
+    if token_file:
+        token = Path(token_file).expanduser().read_text().strip()
         headers = {"Authorization": f"Bearer {token}"}
     c = DICOMwebClient(url=target.url, session=session, headers=headers, timeout=target.timeout)
     c.set_http_retry_params(retry=False)  # the outbox retries, with its own back-off

@@ -9,49 +9,27 @@ the tag; the handler never raises.
 """
 from __future__ import annotations
 
-import errno
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from pydicom import Dataset
-from pynetdicom import (AE, ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID,
-                         PYNETDICOM_IMPLEMENTATION_VERSION, evt)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
-from plugin.dimse.guard import DEFAULT_MAX_PDU, BrokenDataSet, check_dataset, guard_connection, inflate
+from plugin.dimse.guard import DEFAULT_MAX_PDU, guard_connection
 from plugin.dimse.security import AllowList, server_ssl_context, start_tls_server
-from plugin.ingest import Indexer, IndexRequest
-from plugin.storage import BadUID, InstanceStore, check_uid, part10_header
+from plugin.ingest import Indexer
+from plugin.receive import (CANNOT_UNDERSTAND, DATASET_MISMATCH, OUT_OF_RESOURCES,
+                            PROCESSING_FAILURE, SOP_CLASS_NOT_SUPPORTED, SUCCESS, Origin, Received, accept)
+from plugin.storage import BadUID, InstanceStore, check_uid
 
 if TYPE_CHECKING:
     from plugin.config import AllowEntry, TlsConfig
 
 log = logging.getLogger("cmr_ai.scp")
 
-# DIMSE statuses (PS3.4 Table B.2-1 and PS3.7 Annex C)
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_MISMATCH = 0xA900  # Error: Data Set does not match SOP Class
-CANNOT_UNDERSTAND = 0xC210  # Error: Cannot understand (we use it for unparseable datasets / bad UIDs)
-PROCESSING_FAILURE = 0x0110
-SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: the SOP class is not the presentation context's
-
-
-@dataclass(frozen=True)
-class Received:
-    """What the handler indexed (passed to ``on_stored`` listeners)."""
-
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_instance_uid: str
-    path: str
-
-
-def _text(ds: Dataset, keyword: str, limit: int) -> str:
-    v = ds.get(keyword, "")
-    return ("" if v is None else str(v))[:limit]
+__all__ = ["CANNOT_UNDERSTAND", "DATASET_MISMATCH", "OUT_OF_RESOURCES", "PROCESSING_FAILURE", "SOP_CLASS_NOT_SUPPORTED",
+           "SUCCESS", "Received", "StoreSCP"]
 
 
 class StoreSCP:
@@ -151,82 +129,14 @@ class StoreSCP:
                       "of presentation context %s (%s)", sop_uid, peer, SOP_CLASS_NOT_SUPPORTED, sop_class,
                       context.context_id, context.abstract_syntax)
             return SOP_CLASS_NOT_SUPPORTED
-        try:  # pydicom reads a broken structure leniently (cut short, items lost): check it first
-            ts = context.transfer_syntax
+        try:
             raw = req.DataSet.getvalue()
-            check_dataset(inflate(raw) if ts.is_deflated else raw, ts.is_implicit_VR, ts.is_little_endian)
-        except BrokenDataSet as e:
-            log.error("C-STORE %s from %s refused (0x%04X): not a DICOM data set in %s: %s", sop_uid, peer,
-                      CANNOT_UNDERSTAND, ts.name, e)
-            return CANNOT_UNDERSTAND
         except Exception as e:  # noqa: BLE001 - never raise from the handler
             log.error("C-STORE %s from %s refused (0x%04X): cannot read the data set: %s: %s", sop_uid, peer,
                       CANNOT_UNDERSTAND, type(e).__name__, e)
             return CANNOT_UNDERSTAND
-        try:
-            ds = event.dataset
-            keyword = "(0020,000D) StudyInstanceUID"
-            study_uid = check_uid(ds.get("StudyInstanceUID"), keyword)
-            keyword = "(0020,000E) SeriesInstanceUID"
-            series_uid = check_uid(ds.get("SeriesInstanceUID"), keyword)
-            keyword = "(0008,0018) SOPInstanceUID"
-            ds_sop = check_uid(ds.get("SOPInstanceUID"), keyword)
-            keyword = "(0008,0016) SOPClassUID"
-            ds_class = check_uid(ds.get("SOPClassUID"), keyword)
-            keyword = "study/series attributes"
-            info = {k: _text(ds, k, n) for k, n in (("PatientID", 64), ("StudyDescription", 256),
-                                                    ("AccessionNumber", 64), ("Modality", 16),
-                                                    ("SeriesDescription", 256))}
-            sn = ds.get("SeriesNumber")
-            series_number = int(sn) if sn not in (None, "") else None
-        except BadUID as e:
-            log.error("C-STORE %s from %s refused (0x%04X): %s", sop_uid, peer, CANNOT_UNDERSTAND, e)
-            return CANNOT_UNDERSTAND
-        except Exception as e:  # broken tags / lengths surface on access
-            log.error("C-STORE %s from %s refused (0x%04X): cannot decode %s: %s: %s",
-                      sop_uid, peer, CANNOT_UNDERSTAND, keyword, type(e).__name__, e)
-            return CANNOT_UNDERSTAND
-        if ds_sop != sop_uid:
-            log.error("C-STORE from %s refused (0x%04X): (0008,0018) SOPInstanceUID %s in the dataset "
-                      "differs from (0000,1000) AffectedSOPInstanceUID %s", peer, DATASET_MISMATCH, ds_sop, sop_uid)
-            return DATASET_MISMATCH
-        if ds_class != sop_class:
-            log.error("C-STORE %s from %s refused (0x%04X): (0008,0016) SOPClassUID %s in the dataset differs "
-                      "from (0000,0002) AffectedSOPClassUID %s", sop_uid, peer, DATASET_MISMATCH, ds_class, sop_class)
-            return DATASET_MISMATCH
-        try:
-            # the dataset exactly as received, behind a File Meta header built by hand
-            body = raw  # req.DataSet's bytes, as checked above
-            data = part10_header(sop_class, sop_uid, str(event.context.transfer_syntax),
-                                 PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION) + body
-            path, outcome = self.store.store_instance(study_uid, series_uid, sop_uid, data)
-        except OSError as e:
-            status = OUT_OF_RESOURCES
-            log.error("C-STORE %s from %s failed (0x%04X): cannot write to the store: %s%s", sop_uid, peer,
-                      status, e, " (disk full)" if e.errno == errno.ENOSPC else "")
-            return status
-        except Exception as e:  # encoding problems with the received bytes
-            log.error("C-STORE %s from %s refused (0x%04X): %s: %s", sop_uid, peer, CANNOT_UNDERSTAND,
-                      type(e).__name__, e)
-            return CANNOT_UNDERSTAND
-        if outcome != "new":
-            log.warning("C-STORE %s from %s: SOP Instance UID received again%s", sop_uid, peer, {
-                "identical": " with identical content: nothing rewritten",
-                "replaced": " with different content: the stored copy was replaced (storage.duplicates: replace)",
-                "kept": " with different content: the first copy was kept (storage.duplicates: keep)"}[outcome])
-        try:
-            self.indexer.index(IndexRequest(study_uid, series_uid, sop_uid, sop_class,
-                                            str(event.context.transfer_syntax), str(path), len(data), info,
-                                            series_number, assoc.requestor.ae_title, assoc.requestor.address,
-                                            file_changed=outcome in ("new", "replaced"),
-                                            is_new=outcome == "new"))
-        except Exception as e:  # noqa: BLE001 — SQLAlchemyError, a timeout …: nothing acknowledged
-            log.error("C-STORE %s from %s failed (0x%04X): cannot index in the database: %s", sop_uid, peer,
-                      OUT_OF_RESOURCES, e)
-            return OUT_OF_RESOURCES
-        if self.on_stored:
-            try:
-                self.on_stored(Received(study_uid, series_uid, sop_uid, str(path)))
-            except Exception:  # listeners must not break the store
-                log.exception("on_stored listener failed")
-        return SUCCESS
+        # the same checks, store and index as STOW-RS and WADO-RS pulls (plugin/receive.py)
+        return accept(self.store, self.indexer, Origin("C-STORE", peer, assoc.requestor.ae_title,
+                                                       assoc.requestor.address),
+                      sop_class=sop_class, sop_uid=sop_uid, transfer_syntax=str(context.transfer_syntax), body=raw,
+                      dataset=lambda: event.dataset, on_stored=self.on_stored).status
