@@ -3,8 +3,8 @@
 Served by :class:`plugin.node.Node` in a thread when ``node.http_port`` is set (0:
 any free port, logged), on ``node.host``. Standard library only
 (:class:`http.server.ThreadingHTTPServer`); requests are dispatched through a route
-table (:meth:`AdminAPI.route`) so that later endpoints — ``/metrics``, a dashboard,
-a STOW-RS receiver — are one registration each, open or behind the token.
+table (:meth:`AdminAPI.route`): each endpoint — ``/metrics``, the dashboard, the STOW-RS
+receiver (:meth:`AdminAPI.enable_stow`) — is one registration, open or behind the token.
 
 =================================  ======  ==============================================================
 ``GET /health``                    open    ``{"ok", "version", "rules_version", "dicom_port", "counts"}``
@@ -16,7 +16,15 @@ a STOW-RS receiver — are one registration each, open or behind the token.
 ``GET /api/exports``               token   outbox rows, newest first
 ``POST /api/jobs/{id}/rerun``      token   run a done or failed analysis job again (202)
 ``POST /api/exports/{id}/retry``   token   queue an outbox row again (``cmr-ai exports retry ID``; 202)
+``POST /dicom-web/studies``        token   STOW-RS into the node (:mod:`plugin.dicomweb.receiver`): a
+                                           ``multipart/related; type="application/dicom"`` body, read as it
+                                           arrives; the Store Instances Response (``application/dicom+json``)
+``POST /dicom-web/studies/{uid}``  token   the same, every instance of that study (others: failed, 0xA900)
 =================================  ======  ==============================================================
+
+A route's ``{name}`` matches digits, ``{name:uid}`` digits and dots (:data:`PARAM_KINDS`).
+Request bodies are read as they arrive (``Content-Length`` or ``Transfer-Encoding: chunked``,
+:class:`BodyReader`); ``Request.body()`` reads a small one whole.
 
 The token is ``Authorization: Bearer <token>``; it comes from ``node.http_token_file``
 or, when that is not set, is generated once into ``<var>/run/api-token`` (mode 0600)
@@ -28,6 +36,7 @@ texts scrubbed, :mod:`plugin.logsafe`). See docs/security.md.
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import logging
 import os
@@ -61,6 +70,133 @@ DASHBOARD_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/jav
                    "style.css": "text/css; charset=utf-8"}
 _DASHBOARD = Path(__file__).with_name("dashboard")
 
+#: What a ``{name:kind}`` part of a route's path matches (``{name}``: ``int``). ``uid``: digits and
+#: dots, at most 64 (the handler still checks it is a valid UID: :func:`plugin.storage.check_uid`).
+PARAM_KINDS = {"int": r"[0-9]{1,18}", "uid": r"[0-9.]{1,64}"}
+
+#: Seconds a connection may stay silent (between requests, or mid-body) before it is closed
+SOCKET_TIMEOUT = 300
+
+#: Bytes of an unread request body (a refused request) read and dropped so that the client
+#: gets the answer and the connection stays usable; beyond it, the connection is closed.
+DRAIN_LIMIT = 4 << 20
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class BadBody(HTTPError):
+    """A request body that breaks HTTP/1.1 framing (a malformed chunk, an unsupported transfer coding)."""
+
+
+class BodyReader:
+    """The request body, read as it arrives: ``Content-Length`` bytes, or ``Transfer-Encoding:
+    chunked`` (RFC 9112 §7.1: chunk extensions ignored, trailers read and dropped).
+
+    :meth:`read` returns at most ``n`` bytes (fewer is not the end) and ``b""`` at the end
+    of the body — also when the client closed the connection early (then :attr:`truncated`).
+
+    Raises
+    ------
+    BadBody
+        From :meth:`read`: a Content-Length that is not a number (400), a transfer coding
+        other than ``chunked`` (501), a malformed chunk (400).
+    """
+
+    #: longest chunk-size or trailer line accepted
+    MAX_LINE = 4096
+
+    def __init__(self, rfile, headers):
+        self._rfile = rfile
+        self.bytes_read = 0
+        self.truncated = False
+        self._problem: Optional[BadBody] = None
+        self._done = False
+        self._left = 0  # of the body (Content-Length) or of the current chunk
+        coding = (headers.get("Transfer-Encoding") or "").strip().lower()
+        self.chunked = bool(coding)
+        if coding and coding != "chunked":
+            self._problem = BadBody(HTTPStatus.NOT_IMPLEMENTED, f"Transfer-Encoding {coding!r} is not supported "
+                                    "(only chunked)")
+        elif not coding:
+            raw = (headers.get("Content-Length") or "0").strip()
+            if not raw.isdigit():
+                self._problem = BadBody(HTTPStatus.BAD_REQUEST, f"Content-Length {raw[:40]!r} is not a number")
+            else:
+                self._left = int(raw)
+                self._done = self._left == 0
+
+    @property
+    def complete(self) -> bool:
+        """The whole body was read (the connection can carry the next request)."""
+        return self._done and not self.truncated and self._problem is None
+
+    def _line(self) -> bytes:
+        line = self._rfile.readline(self.MAX_LINE + 1)
+        if not line.endswith(b"\n"):
+            if len(line) > self.MAX_LINE:
+                raise BadBody(HTTPStatus.BAD_REQUEST, "malformed chunked body: a chunk-size line is too long")
+            self.truncated = self._done = True  # the connection closed
+            return b""
+        return line
+
+    def _next_chunk(self) -> None:
+        line = self._line()
+        if self._done:
+            return
+        size = line.split(b";", 1)[0].strip()
+        try:
+            self._left = int(size, 16)
+        except ValueError:
+            raise BadBody(HTTPStatus.BAD_REQUEST, f"malformed chunked body: chunk size {size[:20]!r}") from None
+        if self._left < 0 or b"-" in size or b"+" in size:
+            raise BadBody(HTTPStatus.BAD_REQUEST, f"malformed chunked body: chunk size {size[:20]!r}")
+        if self._left == 0:
+            while self._line().strip():  # trailer fields, then the empty line
+                pass
+            self._done = True
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes of the body (``n < 0``: all of the rest); ``b""`` at its end."""
+        if self._problem is not None:
+            raise self._problem
+        if n < 0:
+            out = bytearray()
+            while chunk := self.read(1 << 20):
+                out += chunk
+            return bytes(out)
+        if self._done or n == 0:
+            return b""
+        if self.chunked and self._left == 0:
+            self._next_chunk()
+            if self._done:
+                return b""
+        data = self._rfile.read(min(n, self._left))
+        if not data:
+            self.truncated = self._done = True
+            return b""
+        self._left -= len(data)
+        self.bytes_read += len(data)
+        if self._left == 0:
+            if self.chunked:
+                if self._rfile.read(2) != b"\r\n":
+                    raise BadBody(HTTPStatus.BAD_REQUEST, "malformed chunked body: no CRLF after a chunk")
+            else:
+                self._done = True
+        return data
+
+    def drain(self, limit: int) -> bool:
+        """Read and drop up to ``limit`` bytes of what is left; True when the body is then complete."""
+        try:
+            while limit > 0 and (chunk := self.read(min(limit, 1 << 20))):
+                limit -= len(chunk)
+        except (BadBody, OSError):  # OSError: a timeout, a reset connection
+            return False
+        return self.complete
+
 
 @dataclass
 class Request:
@@ -71,12 +207,25 @@ class Request:
     query: dict[str, list[str]]
     headers: Any  # email.message.Message (case-insensitive)
     client: str
-    _read: Callable[[], bytes] = lambda: b""
+    _body: Optional[BodyReader] = None
     params: dict[str, str] = field(default_factory=dict)  # the ``{name}`` parts of the route's path
 
+    def stream(self) -> BodyReader:
+        """The request body as a stream (a whole study must not be held in memory); use it
+        after authentication — the dispatcher calls the handler only then."""
+        if self._body is None:
+            self._body = BodyReader(io.BytesIO(b""), {})
+        return self._body
+
     def body(self) -> bytes:
-        """The request body (read on first call: after authentication, never before)."""
-        return self._read()
+        """The whole request body, read into memory (small bodies only; see :meth:`stream`).
+
+        Raises
+        ------
+        BadBody
+            When the body breaks HTTP framing (an :class:`HTTPError`: the dispatcher answers it).
+        """
+        return self.stream().read()
 
 
 @dataclass
@@ -92,19 +241,13 @@ class Response:
                    headers)
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
 @dataclass(frozen=True)
 class Route:
     method: str
     path: str
     handler: Callable[[Request], Response]
     auth: bool  # needs the bearer token
-    pattern: Optional[re.Pattern] = None  # for a path with ``{name}`` parts (digits)
+    pattern: Optional[re.Pattern] = None  # for a path with ``{name}`` / ``{name:kind}`` parts (PARAM_KINDS)
 
     def match(self, path: str) -> Optional[dict[str, str]]:
         if self.pattern is None:
@@ -198,12 +341,19 @@ class AdminAPI:
     def route(self, method: str, path: str, handler: Callable[[Request], Response], *, auth: bool = True) -> None:
         """Register ``handler`` for ``method path``; ``auth``: needs the bearer token.
 
-        A path is matched exactly, except its ``{name}`` parts, which match digits and
-        reach the handler as ``req.params[name]`` (``/api/jobs/{id}/rerun``).
+        A path is matched exactly, except its ``{name}`` parts, which match digits, and its
+        ``{name:kind}`` parts, which match :data:`PARAM_KINDS` (``{study:uid}``); they reach the
+        handler as ``req.params[name]`` (``/api/jobs/{id}/rerun``).
         """
         pattern = None
         if "{" in path:
-            pattern = re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[0-9]{1,18})", re.escape(path)))
+            def part(m: re.Match) -> str:
+                kind = m.group(2) or "int"
+                if kind not in PARAM_KINDS:
+                    raise ValueError(f"route {path}: unknown parameter kind {kind!r} (known: {sorted(PARAM_KINDS)})")
+                return f"(?P<{m.group(1)}>{PARAM_KINDS[kind]})"
+
+            pattern = re.compile(re.sub(r"\\\{(\w+)(?::(\w+))?\\\}", part, re.escape(path)))
         self.routes[(method.upper(), path)] = Route(method.upper(), path, handler, auth, pattern)
 
     def _matching(self, path: str) -> list[tuple[Route, dict[str, str]]]:
@@ -248,6 +398,17 @@ class AdminAPI:
         except Exception:  # noqa: BLE001 - a broken endpoint answers 500 and logs, the server goes on
             log.exception("admin API: %s %s failed", req.method, req.path)
             return Response.json({"error": "internal error (see the node's log)"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def enable_stow(self, store, indexer, *, on_stored=None) -> None:
+        """Serve STOW-RS into the node (:mod:`plugin.dicomweb.receiver`): ``POST /dicom-web/studies``
+        and ``POST /dicom-web/studies/{study}``, behind the token; each instance is accepted
+        by :func:`plugin.receive.accept_part10` into ``store`` and ``indexer`` (those of the
+        C-STORE SCP)."""
+        from plugin.dicomweb.receiver import StowReceiver
+
+        receiver = StowReceiver(store, indexer, on_stored=on_stored)
+        self.route("POST", "/dicom-web/studies", receiver)
+        self.route("POST", "/dicom-web/studies/{study:uid}", receiver)
 
     # -- endpoints -----------------------------------------------------------
     def health(self, req: Request) -> Response:
@@ -390,25 +551,18 @@ class AdminAPI:
         class Handler(BaseHTTPRequestHandler):
             server_version = "cmr-ai"
             protocol_version = "HTTP/1.1"
+            timeout = SOCKET_TIMEOUT  # a client silent mid-body (or idle between requests) is let go
 
             def _serve(self) -> None:
                 parts = urlsplit(self.path)
-                try:
-                    length = int(self.headers.get("Content-Length") or 0)
-                except ValueError:
-                    length = -1
-                read: list[bytes] = []
-
-                def body() -> bytes:
-                    if not read:
-                        read.append(self.rfile.read(length) if length > 0 else b"")
-                    return read[0]
-
+                body = BodyReader(self.rfile, self.headers)
                 req = Request(self.command, parts.path.rstrip("/") or "/", parse_qs(parts.query), self.headers,
                               self.client_address[0], body)
                 resp = api.dispatch(req)
-                if length != 0 and not read:
-                    self.close_connection = True  # a body nobody read: do not parse it as the next request
+                # a body not read to its end (a refused request, a STOW-RS stopped early): read a little of it
+                # so that the client reads the answer; beyond that, do not parse the rest as the next request
+                if not body.complete and (body.truncated or not body.drain(DRAIN_LIMIT)):
+                    self.close_connection = True
                 self.send_response(resp.status)
                 self.send_header("Content-Type", resp.content_type)
                 self.send_header("Content-Length", str(len(resp.body)))

@@ -111,7 +111,7 @@ def accept(store: InstanceStore, indexer: Indexer, origin: Origin, *, sop_class:
            transfer_syntax: str, body: bytes, dataset: Optional[Callable[[], Dataset]] = None,
            implementation: tuple[str, str] = DEFAULT_IMPLEMENTATION,
            announced: tuple[str, str] = ("(0000,1000) AffectedSOPInstanceUID", "(0000,0002) AffectedSOPClassUID"),
-           on_stored: Optional[Callable[[Received], None]] = None) -> Outcome:
+           on_stored: Optional[Callable[[Received], None]] = None, study: Optional[str] = None) -> Outcome:
     """Check, store and index one data set; never raises.
 
     Parameters
@@ -129,6 +129,9 @@ def accept(store: InstanceStore, indexer: Indexer, origin: Origin, *, sop_class:
         after the structure check; None: read here.
     implementation:
         Implementation Class UID and Version Name for the stored file's File Meta.
+    study:
+        The Study Instance UID the instance was sent to (STOW-RS ``/studies/{study}``), if
+        any: an instance of another study is refused (0xA900) and not stored.
     """
     ts = UID(transfer_syntax)
     try:
@@ -171,6 +174,9 @@ def accept(store: InstanceStore, indexer: Indexer, origin: Origin, *, sop_class:
     if ds_class != sop_class:
         return _refuse(origin, sop_uid, DATASET_MISMATCH, f"(0008,0016) SOPClassUID {ds_class} in the dataset "
                        f"differs from {announced[1]} {sop_class}", sop_class)
+    if study is not None and study_uid != study:
+        return _refuse(origin, sop_uid, DATASET_MISMATCH, f"(0020,000D) StudyInstanceUID {study_uid} in the dataset "
+                       f"differs from the study {study} it was sent to", sop_class)
     try:
         # the dataset exactly as received, behind a File Meta header built by hand
         data = part10_header(sop_class, sop_uid, str(ts), *implementation) + body
@@ -216,17 +222,25 @@ def read_file_meta(data: bytes | memoryview) -> tuple[dict[int, bytes], int]:
     """The File Meta elements (group 0002, Explicit VR Little Endian) and the data set's offset.
 
     Read element by element, without trusting (0002,0000) group length (some writers
-    get it wrong).
+    get it wrong). A File Meta without the preamble and ``DICM`` (what pydicom's ``dcmwrite``
+    writes for a data set built in memory, and so what dicomweb-client sends for it) is read
+    as well.
 
     Raises
     ------
     NotPart10
-        No ``DICM`` at byte 128, or a File Meta element running past the end.
+        No ``DICM`` at byte 128 nor a File Meta element at byte 0, or a File Meta element
+        running past the end.
     """
     view = memoryview(data)
-    if len(view) < 132 or bytes(view[128:132]) != b"DICM":
-        raise NotPart10("not a DICOM file: no 'DICM' prefix at byte 128 (PS3.10 File Meta Information)")
-    pos, elements = 132, {}
+    if len(view) >= 132 and bytes(view[128:132]) == b"DICM":
+        pos = 132
+    elif len(view) >= 8 and bytes(view[:2]) == b"\x02\x00" and bytes(view[4:6]).isalpha() \
+            and bytes(view[4:6]).isupper():
+        pos = 0  # File Meta Information without the preamble and prefix
+    else:
+        raise NotPart10("not a DICOM file: no DICM prefix at byte 128 (PS3.10 File Meta Information)")
+    elements = {}
     while pos + 8 <= len(view):
         group, elem = struct.unpack_from("<HH", view, pos)
         if group != 0x0002:
@@ -251,12 +265,13 @@ def _meta_text(elements: dict[int, bytes], tag: int) -> str:
     return elements.get(tag, b"").decode("ascii", "replace").strip(" \x00")
 
 
-def accept_part10(store: InstanceStore, indexer: Indexer, origin: Origin, data: bytes | memoryview,
-                  on_stored: Optional[Callable[[Received], None]] = None) -> Outcome:
+def accept_part10(store: InstanceStore, indexer: Indexer, origin: Origin, data: bytes | bytearray | memoryview,
+                  on_stored: Optional[Callable[[Received], None]] = None, *, study: Optional[str] = None) -> Outcome:
     """:func:`accept` for a DICOM file (PS3.10) as DICOMweb carries it; never raises.
 
     The File Meta names the SOP Class and Instance (which the data set must repeat) and
-    the transfer syntax; the data set after it is stored as received.
+    the transfer syntax; the data set after it is stored as received. ``study``: the
+    Study Instance UID the instance must belong to (see :func:`accept`).
     """
     try:
         elements, offset = read_file_meta(data)
@@ -280,4 +295,4 @@ def accept_part10(store: InstanceStore, indexer: Indexer, origin: Origin, data: 
     return accept(store, indexer, origin, sop_class=sop_class, sop_uid=sop_uid, transfer_syntax=ts,
                   body=bytes(memoryview(data)[offset:]), implementation=implementation,
                   announced=("(0002,0003) MediaStorageSOPInstanceUID", "(0002,0002) MediaStorageSOPClassUID"),
-                  on_stored=on_stored)
+                  on_stored=on_stored, study=study)
