@@ -1,5 +1,5 @@
 """``cmr-ai`` command line: serve | worker | phantom | demo | status | inspect | rules check|explain|test |
-audit export | report show | exports list|retry|purge."""
+audit export | report show | exports list|retry|purge | pull."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def _logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    for noisy in ("pynetdicom", "urllib3", "PIL"):
+    for noisy in ("pynetdicom", "urllib3", "PIL", "dicomweb_client"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -342,6 +342,76 @@ def cmd_report_show(args) -> int:
     return command(args)
 
 
+def cmd_pull(args) -> int:
+    """Pull one study from a DICOMweb source; a running node routes it, else it is processed here."""
+    from plugin.config import ConfigError, load_settings
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    for noisy in ("urllib3", "dicomweb_client"):
+        logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.WARNING)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 2
+    if args.source not in settings.sources:
+        defined = ", ".join(sorted(settings.sources)) or "none (add a sources: section)"
+        print(f"cmr-ai pull: no source {args.source!r} in {args.config}; defined: {defined}", file=sys.stderr)
+        return 2
+    _phi_policy(settings, False)
+    from plugin.dicomweb.pull import PullError, pull_study
+    from plugin.ingest import Indexer
+    from plugin.progress import Bars, enabled
+    from plugin.storage import InstanceStore
+
+    store = InstanceStore(settings.storage.path, fsync=settings.storage.fsync,
+                          duplicates=settings.storage.duplicates)
+    indexer = Indexer(settings.database.url)
+    with Bars(enabled(args.progress)) as bars:
+        try:
+            result = pull_study(settings, args.source, args.study_uid, store=store, indexer=indexer, progress=bars)
+        except PullError as e:
+            print(f"cmr-ai pull: source {args.source}: {e}", file=sys.stderr)
+            return 1
+        print(f"study {args.study_uid} from source {args.source}: {result.summary()} "
+              f"({result.requests} WADO-RS request{'s' if result.requests != 1 else ''}, {result.seconds:.1f} s)",
+              flush=True)
+        for sop, reason in result.failed:
+            print(f"  refused {sop}: {reason}")
+        if result.failed:
+            print(f"  {len(result.failed)} instance(s) refused by this node: the study is processed without them")
+        from plugin import node as _node
+
+        running = _node.running_node(settings)
+        if running is not None:
+            print(f"the running node (pid {running.get('pid')}) will route the study", flush=True)
+            return 0
+        if args.no_process:
+            print("not processed (--no-process): a node started with this config will route it", flush=True)
+            return 0
+        outcome = _node.process_study(settings, args.study_uid, timeout=args.timeout, progress=bars)
+    jobs = outcome.get("jobs") or []
+    print(f"study {args.study_uid}: {outcome.get('state')}"
+          + (f" (rule {outcome['rule']})" if outcome.get("rule") else "")
+          + ("" if jobs else ": no job"))
+    failed = False
+    for j in jobs:
+        counts: dict[tuple[str, str], int] = {}
+        for e in j.get("exports") or []:
+            counts[(e["state"], e["destination"])] = counts.get((e["state"], e["destination"]), 0) + 1
+        sent = ", ".join(f"{n} {state} ({dest})" for (state, dest), n in sorted(counts.items())) or "no export"
+        print(f"  job {j.get('id')} ({j.get('kind', 'analyse')}, rule {j.get('rule')}): {j.get('state')}; "
+              f"objects: {sent}" + (f"; error: {j['error']}" if j.get("error") else ""))
+        failed = failed or j.get("state") == "failed"
+    if outcome.get("finished") is False:
+        print(f"cmr-ai pull: jobs not finished after {args.timeout:g} s: they stay queued for the next node start",
+              file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from plugin import progress as _progress
@@ -424,6 +494,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     rp.add_argument("--json", action="store_true", help="print a JSON list (one object per file) instead of text")
     rp.add_argument("--tree", action="store_true", help="also show the whole content tree of TID 1500 reports")
     rp.set_defaults(fn=cmd_report_show)
+
+    sp = sub.add_parser("pull", help="pull one study from a DICOMweb source (sources:) and process it")
+    sp.add_argument("--config", required=True)
+    sp.add_argument("--source", required=True, help="a name under sources: in the config")
+    sp.add_argument("study_uid", metavar="STUDY_UID", help="Study Instance UID to pull")
+    sp.add_argument("--no-process", action="store_true",
+                    help="only pull (store and index); a node started later routes the study")
+    sp.add_argument("--timeout", type=float, default=1800.0,
+                    help="seconds to wait for the study's jobs when no node is running (default 1800)")
+    sp.add_argument("-v", "--verbose", action="store_true")
+    _progress.add_arguments(sp)
+    sp.set_defaults(fn=cmd_pull)
 
     from plugin import exports as _exports  # cmr-ai exports list|retry|purge (plugin/exports.py)
 

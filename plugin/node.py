@@ -14,11 +14,12 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import pydicom
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from plugin import db, jobs, outbox
 from plugin.config import ConfigError, Settings, load_settings
@@ -72,8 +73,12 @@ CONFIG_POLL = 1.0  # seconds between looks at the config file
 
 
 class Node:
-    def __init__(self, settings: Settings, *, start_worker: Optional[bool] = None, poll: float = 0.5):
+    def __init__(self, settings: Settings, *, start_worker: Optional[bool] = None, poll: float = 0.5,
+                 listen: bool = True):
+        """``listen=False``: no DICOM listener, admin API, pollers or stability loop — the worker
+        and the outbox only (:func:`process_study`, which routes one study itself)."""
         self.settings = settings
+        self.listen = listen
         self.poll = poll
         self.start_worker = settings.queue.broker == "embedded" if start_worker is None else start_worker
         self.store = InstanceStore(settings.storage.path, fsync=settings.storage.fsync,
@@ -111,20 +116,65 @@ class Node:
         from worker.app import configure
 
         configure(self.settings)
-        if self.start_worker and self.settings.queue.broker == "embedded":
-            self._purge_embedded_queues()
-        recovered = jobs.recover(self.settings)
-        if recovered:
-            log.info("recovery: re-sent %d unfinished job(s): %s", len(recovered), recovered)
-        self.scp.start()
-        if self.settings.node.http_port is not None:
-            self._start_api()
+        if self.listen:
+            if self.start_worker and self.settings.queue.broker == "embedded":
+                self._purge_embedded_queues()
+            recovered = jobs.recover(self.settings)
+            if recovered:
+                log.info("recovery: re-sent %d unfinished job(s): %s", len(recovered), recovered)
+            self.scp.start()
+            if self.settings.node.http_port is not None:
+                self._start_api()
+            self._write_marker()
         if self.start_worker:
             self._spawn_worker()
-        for target, name in ((self._stability_loop, "stability"), (self._outbox_loop, "outbox")):
+        loops = [(self._outbox_loop, "outbox")]
+        if self.listen:
+            loops.insert(0, (self._stability_loop, "stability"))
+            loops += [(self._poller(name), f"poll-{name}") for name, src in self.settings.sources.items()
+                      if src.poll_every > 0]
+        for target, name in loops:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _poller(self, name: str):
+        """The QIDO-RS poller of source ``name`` (plugin/dicomweb/pull.py), as a thread target."""
+        from plugin.dicomweb.pull import Poller
+
+        poller = Poller(lambda: self.settings, name, self.store, self.scp.indexer)
+        src = self.settings.sources[name]
+        log.info("polling source %s (%s) every %g s", name, src.dicomweb.url, src.poll_every)
+        return lambda: poller.run(self._stop)
+
+    # -- the running-node marker (``cmr-ai pull`` asks whether a node will route what it pulls) --
+    def _marker(self) -> Path:
+        from worker.app import var_dir
+
+        return var_dir(self.settings) / "run" / "node.json"
+
+    def _write_marker(self) -> None:
+        import json
+        import socket
+
+        from plugin.storage import write_atomic
+
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "dicom_port": self.scp.port,
+                "http_port": self.api.port if self.api is not None else None,
+                "config": str(Path(self.settings.source).resolve()) if self.settings.source else None}
+        try:
+            write_atomic(self._marker(), json.dumps(info).encode(), fsync=False)
+        except OSError as e:
+            log.warning("cannot write %s (cmr-ai pull will not know this node runs): %s", self._marker(), e)
+
+    def _remove_marker(self) -> None:
+        import json
+
+        try:
+            if json.loads(self._marker().read_text()).get("pid") == os.getpid():
+                self._marker().unlink()
+        except (OSError, ValueError):
+            pass
 
     def _start_api(self) -> None:
         """The admin HTTP API (plugin/api.py) on node.host:node.http_port, behind its bearer token."""
@@ -134,6 +184,8 @@ class Node:
         self.api = AdminAPI(lambda: self.settings, token, host=self.settings.node.host,
                             port=self.settings.node.http_port,
                             status=lambda: {"dicom_port": self.scp.port, "dicom_tls_port": self.scp.tls_port})
+        # STOW-RS into the node (POST /dicom-web/studies): the same store, index and checks as C-STORE
+        self.api.enable_stow(self.store, self.scp.indexer)
         self.api.start()
         log.info("admin API on http://%s:%s (/health open; /api/* need Authorization: Bearer <token in %s>)",
                  self.settings.node.host, self.api.port, token_path)
@@ -142,7 +194,9 @@ class Node:
         self._stop.set()
         if self.api is not None:
             self.api.stop()
-        self.scp.stop()
+        if self.listen:
+            self.scp.stop()
+            self._remove_marker()
         for t in self._threads:
             t.join(timeout=5)
         if self._worker is not None and self._worker.poll() is None:
@@ -237,8 +291,18 @@ class Node:
         env = dict(os.environ, CMR_AI_CONFIG=str(self._worker_config()), HF_HUB_OFFLINE="1")
         cmd = [sys.executable, "-m", "plugin.cli", "worker", "--config", env["CMR_AI_CONFIG"],
                "--queues", "node,gpu", "--concurrency", str(self.settings.queue.worker_concurrency)]
-        log.info("starting embedded worker: %s", " ".join(cmd))
-        self._worker = subprocess.Popen(cmd, env=env)
+        if self.listen:  # the node's own output is the log
+            log.info("starting embedded worker: %s", " ".join(cmd))
+            self._worker = subprocess.Popen(cmd, env=env)
+            return
+        # process_study (cmr-ai pull): keep the command's output for its own report
+        from worker.app import var_dir
+
+        path = var_dir(self.settings) / "run" / "pull-worker.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("starting a worker for this study (its log: %s)", path)
+        with open(path, "ab") as out:
+            self._worker = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     # -- loops -------------------------------------------------------------
     def _stability_loop(self) -> None:
@@ -339,14 +403,19 @@ class Node:
             except Exception:
                 log.exception("outbox flush failed")
 
-    def check_studies(self, now=None, local_now=None) -> list[int]:
+    def check_studies(self, now=None, local_now=None, complete: frozenset[str] = frozenset()) -> list[int]:
         """Route every study that has been quiet long enough; returns the ids of analysis jobs launched.
 
         A study is routed once it has been quiet for the shortest ``stable_after``
         (or 1 s when a rule has ``expected_views``); it is acted on once quiet for
         the matched rules' ``stable_after``, or at once when every matched rule's
         expected views are present. ``now`` (UTC) and ``local_now`` (the clock of
-        ``time`` and ``study_age`` conditions) are for tests.
+        ``time`` and ``study_age`` conditions) are for tests. A study in ``complete``
+        (Study Instance UIDs; a pull that fetched all of it) is routed at once.
+
+        A study being pulled from a DICOMweb source, or whose pull failed part-way, is
+        held (not routed) until a pull completes it (:func:`held_studies`): a half
+        study is never analysed.
         """
         settings = self.settings  # one consistent set of rules for this pass (hot reload swaps it)
         rules = settings.rules
@@ -356,9 +425,14 @@ class Node:
         receiving: set[int] = set()
         with db.session_scope(settings.database.url) as s:
             studies = s.scalars(select(db.Study).where(db.Study.state == db.StudyState.RECEIVING)).all()
+            held = held_studies(s, now) if studies else set()
             for st in studies:
                 receiving.add(st.id)
+                if st.study_instance_uid in held:
+                    continue
                 quiet = (now - st.last_received).total_seconds()
+                if st.study_instance_uid in complete:
+                    quiet = float("inf")
                 if quiet < first_look:
                     continue
                 key = (st.id, st.n_instances, settings.rules_version)
@@ -380,7 +454,8 @@ class Node:
                     job = jobs.create_forward_job(s, st, a, decision.rules_version)
                     if job is not None:
                         made.append(f"forward job {job.id} to {', '.join(a.forward_to)} ({a.rule})")
-                early = " (expected views present)" if decision.early and quiet < decision.stable_after else ""
+                early = (" (pulled whole)" if st.study_instance_uid in complete else
+                         " (expected views present)" if decision.early and quiet < decision.stable_after else "")
                 if decision.action == "ignore":
                     st.state = db.StudyState.IGNORED
                     log.info("study %s complete (%d instances)%s: %s [rules version %s]", st.study_instance_uid,
@@ -409,9 +484,97 @@ class Node:
         return [j for j, _ in created]
 
 
+def held_studies(s, now) -> set[str]:
+    """Study Instance UIDs a DICOMweb pull holds back from routing: being pulled (heartbeat
+    fresher than ``PULL_STALE_SECONDS``) or failed part-way (the poller or ``cmr-ai pull``
+    completes them)."""
+    from plugin.dicomweb.pull import PULL_STALE_SECONDS
+
+    fresh = now - timedelta(seconds=PULL_STALE_SECONDS)
+    rows = s.execute(select(db.SourceStudy.study_instance_uid, db.SourceStudy.state, db.SourceStudy.heartbeat)
+                     .where(db.SourceStudy.state != db.PullState.DONE)).all()
+    return {uid for uid, state, beat in rows
+            if state == db.PullState.FAILED or (beat is not None and beat >= fresh)}
+
+
+def running_node(settings: Settings) -> Optional[dict]:
+    """The ``cmr-ai serve`` running with this config's var dir on this host (its marker:
+    pid, ports, config), or None."""
+    import json
+    import socket
+
+    from worker.app import var_dir
+
+    try:
+        info = json.loads((var_dir(settings) / "run" / "node.json").read_text())
+        pid = int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if info.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return info
+
+
+def process_study(settings: Settings, study_uid: str, *, timeout: float = 1800, progress=None) -> dict:
+    """Route one stored study now and see its jobs through, with no node running (``cmr-ai pull``).
+
+    Starts what a node would (the embedded worker when the broker is embedded; other
+    brokers need their workers running) but no listener, routes the study at once (it was
+    pulled whole), waits for its jobs to finish and the outbox to deliver, then stops.
+
+    Returns
+    -------
+    dict
+        ``{"state": <study state>, "rule": …, "jobs": [job_summary(...), …], "finished": bool}``;
+        ``finished`` is False when ``timeout`` passed first (what is left stays queued / in the
+        outbox for the next node or ``cmr-ai exports retry``).
+    """
+    node = Node(settings, listen=False)
+    node.start()
+    try:
+        task = progress.add("routing and analysing", total=None) if progress is not None else None
+        node.check_studies(complete=frozenset({study_uid}))
+        end = time.monotonic() + timeout
+        finished = False
+        while True:
+            with db.session_scope(settings.database.url) as s:
+                st = s.scalar(select(db.Study).where(db.Study.study_instance_uid == study_uid))
+                if st is None:
+                    raise ValueError(f"study {study_uid} is not in the index")
+                ids = [j.id for j in st.jobs]
+                states = [j.state for j in st.jobs]
+                study_state, rule = st.state.value, st.rule
+            if task is not None:
+                task.update(description="jobs: " + (", ".join(f"{i} {x.value}" for i, x in zip(ids, states))
+                                                    or "none"))
+            if all(x.finished for x in states):
+                finished = True
+                break
+            if time.monotonic() > end or (node.start_worker and node._worker is not None
+                                          and node._worker.poll() is not None):
+                break
+            time.sleep(0.5)
+        if task is not None:
+            task.done()
+        return {"state": study_state, "rule": rule, "jobs": [job_summary(settings, i) for i in ids],
+                "finished": finished}
+    finally:
+        node.stop()
+
+
 def job_summary(settings: Settings, job_id: int) -> dict:
+    """One job: id, kind, rule, state, error, result (JSON text) and its outbox rows
+    (``exports``: kind, destination, SOP Instance UID, state, last peer status)."""
     with db.session_scope(settings.database.url) as s:
         job = s.get(db.Job, job_id)
-        n_exports = s.scalar(select(func.count()).select_from(db.Export).where(db.Export.job_id == job_id))
-        return {"id": job.id, "state": job.state.value, "error": job.error, "exports": n_exports,
-                "result": job.result_json}
+        exports = [{"kind": e.kind, "destination": e.destination, "sop_instance_uid": e.sop_instance_uid,
+                    "state": e.state.value, "status": e.status}
+                   for e in s.scalars(select(db.Export).where(db.Export.job_id == job_id).order_by(db.Export.id))]
+        return {"id": job.id, "kind": job.kind.value if job.kind else "analyse", "rule": job.rule,
+                "state": job.state.value, "error": job.error, "exports": exports, "result": job.result_json}

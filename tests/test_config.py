@@ -119,3 +119,53 @@ def test_routing_first_match_wins_regex_search_and_any_series(tmp_path):
     assert any("StudyDescription" in line for line in d.explanation)
     ct = [_series(Modality="CT", StudyDescription="cardiac CT")]
     assert route(s.rules, ct).action == "ignore"
+
+
+def test_sources_of_the_issue_shape_and_their_mistakes_with_lines(tmp_path):
+    token = tmp_path / "archive-token"
+    token.write_text("s3cret\n")
+    s = load_settings(write(tmp_path, f"""\
+        sources:
+          archive:
+            dicomweb: {{url: "http://127.0.0.1:8042/dicom-web", auth: {{token_file: {token}}}}}
+            query: {{ModalitiesInStudy: MR}}
+            poll_every: 0
+        """))
+    src = s.sources["archive"]
+    assert src.poll_every == 0 and src.query == {"ModalitiesInStudy": "MR"}
+    assert src.dicomweb.credentials == (None, None, str(token))
+
+    p = write(tmp_path, """\
+        sources:
+          a:
+            dicomweb: {url: "ftp://x", auth: {token_file: /no/such/token}}
+            query: {ModalitesInStudy: MR, StudyDate: "20240101-"}
+            poll_every: -1
+          b:
+            dicomweb: {url: "http://x/dicom-web", username: u, auth: {username: v, password: w}}
+            pol_every: 5
+        """)
+    with pytest.raises(ConfigError) as ei:
+        load_settings(p)
+    errs = ei.value.errors
+    text = "\n".join(errs)
+    expect = [
+        (3, "sources.a.dicomweb.url", "not an http(s) URL"),
+        (3, "sources.a.dicomweb.auth.token_file", "no such file"),
+        (4, "sources.a.query", "did you mean 'ModalitiesInStudy'"),
+        (5, "sources.a.poll_every", "greater than or equal to 0"),
+        (7, "sources.b.dicomweb", "credentials given twice"),
+        (8, "sources.b.pol_every", "did you mean 'poll_every'"),
+    ]
+    for line, key, words in expect:
+        assert any(e.startswith(f"{p}:{line}: {key}:") and words in e for e in errs), (line, key, text)
+    # the date window is the poller's: a StudyDate in query is refused with the reason
+    p = write(tmp_path, """\
+        sources:
+          a:
+            dicomweb: {url: "http://x/dicom-web"}
+            query: {StudyDate: "20240101-"}
+        """)
+    with pytest.raises(ConfigError) as ei:
+        load_settings(p)
+    assert f"{p}:4: sources.a.query: 'StudyDate' is set by the poller" in ei.value.errors[0]

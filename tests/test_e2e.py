@@ -70,12 +70,10 @@ def node(tmp_path, orthanc, demo_model_dir):
     yield from run_node(tmp_path, orthanc, demo_model_dir)
 
 
-def start_serve(tmp_path, port: int, model_dir, destinations: str, rules: str, *args: str,
-                cwd=None) -> subprocess.Popen:
-    """Write ``tmp_path/config.yaml`` (embedded defaults under ``tmp_path/var``, the demo model
-    unless ``model_dir`` is None, the given ``destinations:`` and ``rules:`` YAML bodies) and
-    start ``cmr-ai serve [args]`` on ``port`` in its own process group, logging to
-    ``tmp_path/node.log`` (appended)."""
+def write_serve_config(tmp_path, port: int, model_dir, destinations: str, rules: str, extra: str = ""):
+    """Write ``tmp_path/config.yaml``: embedded defaults under ``tmp_path/var``, the demo model unless
+    ``model_dir`` is None, the given ``destinations:`` and ``rules:`` YAML bodies, then ``extra``
+    (more top-level sections). Returns its path."""
     cfg = tmp_path / "config.yaml"
     models = f'models: {{demo: {{path: "{model_dir}", quantization: nf4}}}}' if model_dir is not None else ""
     cfg.write_text(f"""
@@ -88,7 +86,16 @@ destinations:
 {destinations}
 rules:
 {rules}
+{extra}
 """)
+    return cfg
+
+
+def start_serve(tmp_path, port: int, model_dir, destinations: str, rules: str, *args: str,
+                cwd=None, extra: str = "") -> subprocess.Popen:
+    """Write ``tmp_path/config.yaml`` (:func:`write_serve_config`) and start ``cmr-ai serve [args]``
+    on ``port`` in its own process group, logging to ``tmp_path/node.log`` (appended)."""
+    cfg = write_serve_config(tmp_path, port, model_dir, destinations, rules, extra)
     log = open(tmp_path / "node.log", "a")
     proc = subprocess.Popen([sys.executable, "-m", "plugin.cli", "serve", "--config", str(cfg), *args],
                             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
