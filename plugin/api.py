@@ -369,21 +369,33 @@ class AdminAPI:
             return None
         return "invalid_token"
 
-    def dispatch(self, req: Request) -> Response:
-        matching = self._matching(req.path)
+    def _resolve(self, method: str, path: str):
+        matching = self._matching(path)
         by_method = {r.method: (r, params) for r, params in matching}
-        route, params = by_method.get(req.method) or (by_method.get("GET") if req.method == "HEAD" else None) \
+        route, params = by_method.get(method) or (by_method.get("GET") if method == "HEAD" else None) \
             or (None, {})
-        known_path = bool(matching)
         needs_auth = route.auth if route is not None else not any(not r.auth for r, _ in matching)
-        if needs_auth:
-            error = self.authorised(req.headers)
-            if error is not None:
-                log.warning("admin API: %s %s from %s refused: %s", req.method, req.path, req.client,
-                            "wrong token" if error else "no bearer token")
-                challenge = 'Bearer realm="cmr-ai"' + (f', error="{error}"' if error else "")
-                return Response.json({"error": "unauthorised: send Authorization: Bearer <token>"},
-                                     HTTPStatus.UNAUTHORIZED, {"WWW-Authenticate": challenge})
+        return route, params, by_method, bool(matching), needs_auth
+
+    def refusal(self, method: str, path: str, headers, client: str) -> Optional[Response]:
+        """The 401 answer for a request that needs the token and lacks it, else None (also asked
+        before a body is invited with ``100 Continue``)."""
+        if not self._resolve(method, path)[4]:
+            return None
+        error = self.authorised(headers)
+        if error is None:
+            return None
+        log.warning("admin API: %s %s from %s refused: %s", method, path, client,
+                    "wrong token" if error else "no bearer token")
+        challenge = 'Bearer realm="cmr-ai"' + (f', error="{error}"' if error else "")
+        return Response.json({"error": "unauthorised: send Authorization: Bearer <token>"},
+                             HTTPStatus.UNAUTHORIZED, {"WWW-Authenticate": challenge})
+
+    def dispatch(self, req: Request) -> Response:
+        route, params, by_method, known_path, _needs_auth = self._resolve(req.method, req.path)
+        refused = self.refusal(req.method, req.path, req.headers, req.client)
+        if refused is not None:
+            return refused
         if route is None:
             if known_path:
                 allowed = sorted(by_method)
@@ -563,6 +575,19 @@ class AdminAPI:
                 # so that the client reads the answer; beyond that, do not parse the rest as the next request
                 if not body.complete and (body.truncated or not body.drain(DRAIN_LIMIT)):
                     self.close_connection = True
+                self._answer(resp)
+
+            def handle_expect_100(self) -> bool:
+                """``Expect: 100-continue``: a request without the token hears 401 before it sends its body."""
+                refused = api.refusal(self.command, urlsplit(self.path).path.rstrip("/") or "/", self.headers,
+                                      self.client_address[0])
+                if refused is None:
+                    return super().handle_expect_100()
+                self.close_connection = True  # the body it may still send is not a request
+                self._answer(refused)
+                return False
+
+            def _answer(self, resp: Response) -> None:
                 self.send_response(resp.status)
                 self.send_header("Content-Type", resp.content_type)
                 self.send_header("Content-Length", str(len(resp.body)))

@@ -102,13 +102,42 @@ def _refuse(origin: Origin, sop_uid: str, status: int, reason: str, sop_class: s
     return Outcome(status, reason, sop_class, sop_uid)
 
 
-def _header(body: bytes, implicit: bool, little: bool) -> Dataset:
+class _ViewReader(io.RawIOBase):
+    """A read-only file over a buffer without copying it (``io.BytesIO`` copies its initial value:
+    a whole enhanced multi-frame object, to read a few header elements)."""
+
+    def __init__(self, view: bytes | memoryview):
+        super().__init__()
+        self._view, self._pos = memoryview(view), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n is None or n < 0 else min(len(self._view), self._pos + n)
+        out = bytes(self._view[self._pos:end])
+        self._pos = max(self._pos, end)
+        return out
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _header(body: bytes | memoryview, implicit: bool, little: bool) -> Dataset:
     """The attributes up to group 0020 of a data set (pixel data and the rest not parsed)."""
-    return read_dataset(io.BytesIO(body), implicit, little, stop_when=lambda tag, vr, length: tag > 0x0020FFFF)
+    return read_dataset(_ViewReader(body), implicit, little, stop_when=lambda tag, vr, length: tag > 0x0020FFFF)
 
 
 def accept(store: InstanceStore, indexer: Indexer, origin: Origin, *, sop_class: str, sop_uid: str,
-           transfer_syntax: str, body: bytes, dataset: Optional[Callable[[], Dataset]] = None,
+           transfer_syntax: str, body: bytes | memoryview, dataset: Optional[Callable[[], Dataset]] = None,
            implementation: tuple[str, str] = DEFAULT_IMPLEMENTATION,
            announced: tuple[str, str] = ("(0000,1000) AffectedSOPInstanceUID", "(0000,0002) AffectedSOPClassUID"),
            on_stored: Optional[Callable[[Received], None]] = None, study: Optional[str] = None) -> Outcome:
@@ -293,6 +322,6 @@ def accept_part10(store: InstanceStore, indexer: Indexer, origin: Origin, data: 
     except BadUID:
         implementation = DEFAULT_IMPLEMENTATION
     return accept(store, indexer, origin, sop_class=sop_class, sop_uid=sop_uid, transfer_syntax=ts,
-                  body=bytes(memoryview(data)[offset:]), implementation=implementation,
+                  body=memoryview(data)[offset:], implementation=implementation,
                   announced=("(0002,0003) MediaStorageSOPInstanceUID", "(0002,0002) MediaStorageSOPClassUID"),
                   on_stored=on_stored, study=study)

@@ -139,3 +139,39 @@ def test_the_poller_of_a_running_node_finds_a_new_study_and_does_not_pull_its_ow
     finally:
         stop_process(proc)
         print((tmp_path / "node.log").read_text()[-6000:])
+
+
+def test_cmr_ai_pull_hands_the_study_to_a_running_node_which_routes_it(tmp_path, orthanc):
+    """With a node running on the same config, ``cmr-ai pull`` only stores and indexes: the node routes
+    the study (here: forwards its originals to a folder destination through the outbox)."""
+    study = write_study(tmp_path / "study", style="siemens", seed=43, study_description="CMR cardiac function")
+    _into_orthanc(orthanc, tmp_path / "study")
+    out = tmp_path / "forwarded"
+    port = free_port()
+    rules = """\
+  - name: forward-cardiac
+    match: {Modality: MR}
+    stable_after: 1
+    action: forward
+    forward_to: [copy]"""
+    proc = start_serve(tmp_path, port, None, f"  copy: {{folder: {out}}}", rules, "--no-worker",
+                       extra=_sources(orthanc, 0))
+    try:
+        _wait_port(port, proc)
+        r = subprocess.run([sys.executable, "-m", "plugin.cli", "pull", "--config", str(tmp_path / "config.yaml"),
+                            "--source", "archive", study.study_instance_uid], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"the running node (pid {proc.pid}) will route the study" in r.stdout, r.stdout
+        originals = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+                     for p in (tmp_path / "study").rglob("*.dcm")}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if out.exists() and len(list(out.rglob("*.dcm"))) == len(originals):
+                break
+            time.sleep(0.5)
+        assert {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in out.rglob("*.dcm")} == originals
+        log = (tmp_path / "node.log").read_text()
+        assert f"study {study.study_instance_uid} complete ({len(originals)} instances)" in log, log[-3000:]
+    finally:
+        stop_process(proc)

@@ -444,6 +444,30 @@ def test_refused_requests(node):
     assert r.status_code == 400 and "no boundary line" in r.json()["error"]
 
 
+def test_expect_100_continue_without_the_token_hears_401_before_sending_the_body(node):
+    """A client that asks before sending a big body (curl, dicomweb-client's large posts) is refused
+    at its headers: it never sends the body, and the node never reads it."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", node.http_port), timeout=10) as sock:
+        sock.sendall((f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Length: {500 * 2**20}\r\n"
+                      f"Content-Type: {CT.format('b0und')}\r\nExpect: 100-continue\r\n\r\n").encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            assert chunk, answer
+            answer += chunk
+    head = answer.split(b"\r\n\r\n")[0].decode()
+    assert head.startswith("HTTP/1.1 401"), head
+    assert "100 Continue" not in head and "Connection: close" in head
+    # with the token the same request is invited to send its body
+    with socket.create_connection(("127.0.0.1", node.http_port), timeout=10) as sock:
+        sock.sendall((f"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+                      f"Authorization: Bearer {node.token}\r\n"
+                      f"Content-Type: {CT.format('b0und')}\r\nExpect: 100-continue\r\n\r\n").encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+
+
 def test_a_body_cut_mid_part_is_400_and_the_complete_parts_are_stored(node):
     first, second = encode(instance()), encode(instance())
     body = multipart([first, second])
