@@ -539,11 +539,15 @@ class PhantomTruth:
     series: dict[str, str]  # view ("LOCALIZER","SAX","2CH","3CH","4CH"[,"LGE"]) -> SeriesInstanceUID
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        """The truth, plus ``labels``: the ``cmr_standard`` option ids it implies (:mod:`plugin.labels`)."""
+        from plugin.labels import truth_labels
+
+        return json.dumps({**asdict(self), "labels": truth_labels(self)}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "PhantomTruth":
         d = json.loads(text)
+        d.pop("labels", None)
         d["lv_axis"] = tuple(d["lv_axis"])
         return cls(**d)
 
@@ -1442,6 +1446,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-lge-enhancement", action="store_true", help="LGE without the inferolateral infarct")
     ap.add_argument("--view-angle", action="append", default=[], metavar="VIEW=DEG",
                     help="oblique long-axis plane, e.g. 4CH=100 (degrees on the AHA ring)")
+    ap.add_argument("--set", type=int, metavar="N", default=None,
+                    help="write N labelled phantoms (seeds SEED..SEED+N-1, EF and effusion spread over every "
+                         "option, styles cycling) into OUT_DIR/<k>/ with OUT_DIR/labels.csv (plugin/labels.py)")
     from plugin.progress import add_arguments
 
     add_arguments(ap)
@@ -1456,7 +1463,19 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"Argument '--view-angle' must look like 4CH=100, got {spec!r}") from None
             if not sep:
                 raise ValueError(f"Argument '--view-angle' must look like 4CH=100, got {spec!r}")
-        if args.kind == "brain":
+        if args.set is not None:
+            from plugin.labels import write_phantom_set
+            from plugin.progress import Bars, enabled
+
+            if args.set < 1:
+                raise ValueError(f"Argument '--set' must be at least 1, got {args.set}")
+            with Bars(enabled(args.progress)) as bars:
+                task = bars.add(f"phantom set: {args.set} studies", total=args.set)
+                labels = write_phantom_set(args.out_dir, args.set, seed=args.seed, slices=args.slices,
+                                           phases=args.phases, size=args.size,
+                                           on_study=lambda done, _n: task.update(completed=done))
+            print(f"wrote {args.set} labelled phantoms under {args.out_dir}; labels: {labels}")
+        elif args.kind == "brain":
             paths = write_brain_mr(args.out_dir, seed=args.seed)
             print(f"wrote {len(paths)} brain MR files under {args.out_dir}")
         elif args.kind == "ct":
