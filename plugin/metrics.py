@@ -14,6 +14,8 @@ and survives a restart of the node. :class:`NodeCollector` is a
 ``cmr_ai_studies{state}``                              gauge      studies by state
 ``cmr_ai_jobs{kind,state}``                            gauge      jobs by kind and state
 ``cmr_ai_exports{destination,state}``                  gauge      outbox rows by destination and state
+``cmr_ai_source_studies{source,state}``                gauge      studies seen in each DICOMweb source: pulled
+                                                                  (done), pulling, failed (:mod:`plugin.dicomweb.pull`)
 ``cmr_ai_stage_seconds{stage}``                        histogram  per-stage latency (below)
 ``cmr_ai_queue_depth{queue}``                          gauge      messages waiting in the Celery queue (node, gpu)
 ``cmr_ai_broker_up``                                   gauge      1 when the broker answered this scrape, else 0
@@ -244,6 +246,15 @@ class NodeCollector:
                 for dest in sorted(set(s.destinations) | {d for d, _ in counts}):
                     for st in db.ExportState:
                         g.add_metric([dest, st.value], counts.get((dest, st), 0))
+                yield g
+                g = GaugeMetricFamily("cmr_ai_source_studies", "Studies seen in each DICOMweb source, by pull state",
+                                      labels=["source", "state"])
+                counts = {(src, st): c for src, st, c in session.execute(
+                    select(db.SourceStudy.source, db.SourceStudy.state, func.count())
+                    .group_by(db.SourceStudy.source, db.SourceStudy.state))}
+                for src in sorted(set(s.sources) | {x for x, _ in counts}):
+                    for st in db.PullState:
+                        g.add_metric([src, st.value], counts.get((src, st), 0))
                 yield g
                 h = HistogramMetricFamily("cmr_ai_stage_seconds",
                                           "Latency of each stage, from the study and job timestamps "

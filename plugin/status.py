@@ -1,5 +1,6 @@
 """``cmr-ai status --config FILE [--json] [--limit N]``: what the node is doing, from its database
-and broker — queue depths, recent jobs with their stage times, studies by state, the outbox.
+and broker — queue depths, recent jobs with their stage times, studies by state, the outbox,
+the DICOMweb sources (studies pulled, being pulled, failed with the archive's message).
 
 Read-only: it opens the node's database (which brings the schema to head like any process,
 plugin/db.py ``migrate``) and asks the broker how many messages wait in each queue
@@ -107,6 +108,16 @@ def collect(settings, limit: int = 20) -> dict[str, Any]:
         jobs_by_state = {st.value: n for st, n in s.execute(select(db.Job.state, func.count()).group_by(db.Job.state))}
         exports = {st.value: n for st, n in
                    s.execute(select(db.Export.state, func.count()).group_by(db.Export.state))}
+        pulls: dict[str, dict[str, Any]] = {name: {st.value: 0 for st in db.PullState} for name in settings.sources}
+        for name, st, n in s.execute(select(db.SourceStudy.source, db.SourceStudy.state, func.count())
+                                     .group_by(db.SourceStudy.source, db.SourceStudy.state)):
+            pulls.setdefault(name, {x.value: 0 for x in db.PullState})[st.value] = n
+        for row in s.scalars(select(db.SourceStudy).where(db.SourceStudy.state == db.PullState.FAILED)
+                             .order_by(db.SourceStudy.id.desc()).limit(5)):
+            pulls[row.source].setdefault("failures", []).append(
+                {"study_instance_uid": row.study_instance_uid, "attempts": row.attempts,
+                 "error": (row.error or "").splitlines()[0][:300] if row.error else None,
+                 "next_attempt": row.next_attempt.isoformat() if row.next_attempt else None})
         q = select(db.Job).order_by(db.Job.id.desc())
         if limit > 0:
             q = q.limit(limit)
@@ -118,6 +129,9 @@ def collect(settings, limit: int = 20) -> dict[str, Any]:
         "studies": {st.value: studies.get(st.value, 0) for st in db.StudyState},
         "jobs_by_state": {st.value: jobs_by_state.get(st.value, 0) for st in db.JobState},
         "outbox": {st.value: exports.get(st.value, 0) for st in db.ExportState},
+        "sources": {name: {**counts, "url": settings.sources[name].dicomweb.url if name in settings.sources else None,
+                           "poll_every": settings.sources[name].poll_every if name in settings.sources else None}
+                    for name, counts in pulls.items()},
         "jobs": jobs, "now": now.isoformat(),
     }
 
@@ -146,6 +160,14 @@ def render(info: dict[str, Any]) -> None:
     ob = info["outbox"]
     console.print(f"outbox: pending {ob['pending']}, dead {ob['dead']}, sent {ob['sent']}, "
                   f"superseded {ob['superseded']}")
+    for name, src in (info.get("sources") or {}).items():
+        every = (f"polled every {src['poll_every']:g} s" if src.get("poll_every") else
+                 "on demand" if src.get("poll_every") is not None else "no longer configured")
+        console.print(f"source {name} ({every}): pulled {src['done']}, pulling {src['pulling']}, "
+                      f"failed {src['failed']}")
+        for f in src.get("failures", []):
+            console.print(f"  [red]failed[/] {f['study_instance_uid']} ({f['attempts']} attempt(s); next "
+                          f"{f['next_attempt'] or 'on demand'}): {f['error']}")
     if not info["jobs"]:
         console.print("no jobs yet")
         return

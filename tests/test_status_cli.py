@@ -168,3 +168,57 @@ def test_progress_off_the_terminal_never_touches_stdout(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert json.loads(r.stdout)["study_instance_uid"]
     assert "\x1b[" not in r.stderr and f"inspected {tmp_path / 's'}: 5/5 done in" in r.stderr, r.stderr
+
+
+def test_status_shows_each_dicomweb_source_with_its_failures(tmp_path, capsys):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"""storage: {{path: {tmp_path / 'var' / 'dicom'}}}
+database: {{url: "sqlite:///{tmp_path / 'var' / 'cmr-ai.db'}"}}
+sources:
+  archive: {{dicomweb: {{url: "http://127.0.0.1:1/dicom-web"}}, poll_every: 30}}
+  manual: {{dicomweb: {{url: "http://127.0.0.1:2/dicom-web"}}, poll_every: 0}}
+""")
+    url = f"sqlite:///{tmp_path / 'var' / 'cmr-ai.db'}"
+    now = db.utcnow()
+    with db.session_scope(url) as s:
+        s.add_all([db.SourceStudy(source="archive", study_instance_uid=UID.format(1), state=db.PullState.DONE),
+                   db.SourceStudy(source="archive", study_instance_uid=UID.format(2), state=db.PullState.DONE),
+                   db.SourceStudy(source="archive", study_instance_uid=UID.format(3), state=db.PullState.FAILED,
+                                  attempts=2, next_attempt=now + timedelta(seconds=120),
+                                  error="HTTP 503 Service Unavailable from http://127.0.0.1:1/dicom-web: busy\nmore"),
+                   db.SourceStudy(source="gone", study_instance_uid=UID.format(4), state=db.PullState.PULLING,
+                                  heartbeat=now)])
+    assert main(["status", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "source archive (polled every 30 s): pulled 2, pulling 0, failed 1" in out, out
+    assert "source manual (on demand): pulled 0, pulling 0, failed 0" in out, out
+    assert "source gone (no longer configured): pulled 0, pulling 1, failed 0" in out, out
+    assert f"failed {UID.format(3)} (2 attempt(s)" in out and "HTTP 503 Service Unavailable" in out and "more" not in out
+    assert main(["status", "--config", str(cfg), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["sources"]["archive"]["failed"] == 1 and info["sources"]["archive"]["failures"][0]["attempts"] == 2
+    assert info["sources"]["manual"]["url"] == "http://127.0.0.1:2/dicom-web"
+
+
+def test_metrics_count_source_studies_by_state(tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from plugin.config import load_settings
+    from plugin.metrics import NodeCollector
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"""storage: {{path: {tmp_path / 'var' / 'dicom'}}}
+database: {{url: "sqlite:///{tmp_path / 'var' / 'cmr-ai.db'}"}}
+sources:
+  archive: {{dicomweb: {{url: "http://127.0.0.1:1/dicom-web"}}}}
+""")
+    settings = load_settings(cfg)
+    with db.session_scope(settings.database.url) as s:
+        s.add_all([db.SourceStudy(source="archive", study_instance_uid=UID.format(i), state=st)
+                   for i, st in enumerate([db.PullState.DONE, db.PullState.DONE, db.PullState.FAILED])])
+    registry = CollectorRegistry()
+    registry.register(NodeCollector(lambda: settings, broker=False))
+    text = generate_latest(registry).decode()
+    assert 'cmr_ai_source_studies{source="archive",state="done"} 2.0' in text
+    assert 'cmr_ai_source_studies{source="archive",state="failed"} 1.0' in text
+    assert 'cmr_ai_source_studies{source="archive",state="pulling"} 0.0' in text
