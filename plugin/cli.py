@@ -78,6 +78,38 @@ def cmd_phantom(args, rest: list[str]) -> int:
     return phantom.main(rest)
 
 
+def cmd_train(args) -> int:
+    """Train a model on a labelled folder (worker/model/train.py); print training.json's summary."""
+    import json as _json
+
+    from plugin.progress import Bars, enabled
+    from worker.model.train import TrainConfig, train
+
+    _logging(args.verbose)
+    for noisy in ("plugin.cardiac", "cmr_ai.cardiac"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    settings = _load(args.config, node_files=False) if args.config else None
+    cfg = TrainConfig(seed=args.seed, lora=args.lora, template=args.template)
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    if args.lr is not None:
+        cfg.lr = args.lr
+    if args.batch_size is not None:
+        cfg.batch_size = args.batch_size
+    try:
+        with Bars(enabled(args.progress)) as bars:
+            record = train(args.data, args.out, base=args.base, config=cfg, val_dir=args.val, resume=args.resume,
+                           stop_after=args.stop_after, bars=bars,
+                           templates_dir=settings.templates_dir if settings is not None else None)
+    except (ValueError, OSError) as e:
+        print(f"cmr-ai train: {e}", file=sys.stderr)
+        return 2
+    last = record["val_metrics"][-1] if record["val_metrics"] else {}
+    print(_json.dumps({"out": str(args.out), "epochs": record["epochs"], "losses": record["losses"],
+                       "val": last, "seconds": record["seconds"]}, indent=1))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from plugin.demo import run_demo
 
@@ -342,6 +374,15 @@ def cmd_report_show(args) -> int:
     return command(args)
 
 
+def cmd_eval(args) -> int:
+    """``cmr-ai eval``: the node's pipeline on labelled studies → metrics (plugin/evaluate.py)."""
+    from plugin import evaluate
+
+    if args.verbose:
+        _logging(True)
+    return evaluate.run(args)
+
+
 def cmd_pull(args) -> int:
     """Pull one study from a DICOMweb source; a running node routes it, else it is processed here."""
     from plugin.config import ConfigError, load_settings
@@ -439,6 +480,24 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     sub.add_parser("phantom", help="write a synthetic study (see `cmr-ai phantom -h`)", add_help=False)
 
+    sp = sub.add_parser("train", help="train a model (or LoRA adapters) on labelled studies")
+    sp.add_argument("--config", default=None, help="node config (templates_dir); optional")
+    sp.add_argument("--data", required=True, help="folder with labels.csv and the studies' DICOM files")
+    sp.add_argument("--out", required=True, help="model directory to write (checkpoints/, training.json)")
+    sp.add_argument("--base", default=None, help="model to start from (default: a fresh random demo model)")
+    sp.add_argument("--lora", action="store_true", help="train LoRA adapters on --base instead of all weights")
+    sp.add_argument("--epochs", type=int, default=None)
+    sp.add_argument("--lr", type=float, default=None)
+    sp.add_argument("--batch-size", type=int, default=None)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--template", default="cmr_standard")
+    sp.add_argument("--val", default=None, help="labelled folder for validation (default: 10%% of the studies)")
+    sp.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints")
+    sp.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    sp.add_argument("-v", "--verbose", action="store_true")
+    _progress.add_arguments(sp)
+    sp.set_defaults(fn=cmd_train)
+
     sp = sub.add_parser("demo", help="run the whole path once on a synthetic study")
     sp.add_argument("--workdir", default="./var/demo")
     sp.add_argument("-v", "--verbose", action="store_true")
@@ -506,6 +565,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     sp.add_argument("-v", "--verbose", action="store_true")
     _progress.add_arguments(sp)
     sp.set_defaults(fn=cmd_pull)
+
+    sp = sub.add_parser("eval", help="measure a model on labelled studies: accuracy, F1, AUROC, calibration, "
+                                     "blank-image probe, latency (--json, --report OUT.html)")
+    from plugin import evaluate as _evaluate
+
+    _evaluate.add_arguments(sp)
+    sp.set_defaults(fn=cmd_eval)
 
     from plugin import exports as _exports  # cmr-ai exports list|retry|purge (plugin/exports.py)
 

@@ -119,7 +119,7 @@ def _run_demo(bars, workdir: str | Path, *, keep_running: bool, timeout: float) 
     from plugin import db
     from plugin.config import load_settings
     from plugin.phantom import write_study
-    from worker.demo_model import resolve_model_path
+    from worker.demo_model import build_trained_demo_model, demo_model_dir, is_complete_model_dir, resolve_model_path
 
     t_start = time.monotonic()
     workdir = Path(workdir).resolve()
@@ -134,18 +134,20 @@ def _run_demo(bars, workdir: str | Path, *, keep_running: bool, timeout: float) 
     settings = load_settings(cfg)
 
     steps = bars.add("demo", total=5)
-    task = bars.add("building the tiny demo model (once; cached)")
-    model_dir = resolve_model_path("demo")
-    task.done()
+    if is_complete_model_dir(demo_model_dir(), trained=True):
+        model_dir = resolve_model_path("demo")
+    else:  # first run: phantoms, preparation and training show their own bars
+        model_dir = build_trained_demo_model(demo_model_dir(), bars=bars)
     steps.advance()
     console.print(f"[green]✓[/] demo model: {model_dir}")
     task = bars.add("writing a synthetic cardiac MR study")
-    truth = write_study(workdir / "study", style="siemens", seed=7)
+    # a reduced LV function and a moderate effusion: the trained demo model should say so (README)
+    truth = write_study(workdir / "study", style="siemens", seed=7, ef=0.38, effusion_mm=14)
     task.done()
     steps.advance()
     n_files = sum(1 for _ in (workdir / "study").rglob("*.dcm"))
-    console.print(f"[green]✓[/] phantom study: {n_files} instances, EF {truth.ef:.2f} "
-                  f"(study {truth.study_instance_uid})")
+    console.print(f"[green]✓[/] phantom study: {n_files} instances, EF {truth.ef:.2f}, pericardial effusion "
+                  f"{truth.effusion_mm:.0f} mm (study {truth.study_instance_uid})")
 
     log = open(workdir / "node.log", "w")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -194,18 +196,25 @@ def _run_demo(bars, workdir: str | Path, *, keep_running: bool, timeout: float) 
         result = json.loads(job.result_json)
         table = Table(min_width=60, title=f"AI DRAFT — unverified (model {result['model']} {result['model_fingerprint']}, "
                             f"{result['device']}, {result['quantization']})")
+        from plugin.labels import truth_labels
+
+        truth_of = truth_labels(truth)  # what the phantom really shows, for the findings it knows
         table.add_column("finding")
         table.add_column("answer")
         table.add_column("p", justify="right")
+        table.add_column("phantom truth")
         table.add_column("all options")
         for f in result["findings"]:
             probs = " ".join(f"{k}={v:.2f}" for k, v in f["probabilities"].items())
-            table.add_row(f["id"], f["answer"], f"{f['probabilities'][f['answer']]:.2f}", probs)
+            known = truth_of.get(f["id"])
+            mark = "" if known is None else (f"[green]{known} ✓[/]" if known == f["answer"] else f"[red]{known} ✗[/]")
+            table.add_row(f["id"], f["answer"], f"{f['probabilities'][f['answer']]:.2f}", mark, probs)
         console.print(table)
         console.print(f"[bold]Impression (AI draft):[/] {result.get('impression') or '(none)'}")
         if model_dir.name == "demo":
-            console.print("[dim](the demo model has random weights: its answers and impression prove the "
-                          "plumbing, not medicine)[/]")
+            console.print("[dim](the demo model is a tiny LLaVA trained here on synthetic phantoms for the two "
+                          "findings with a phantom truth (README, \"The demo model\"); its other answers and the "
+                          "impression prove the plumbing, not medicine)[/]")
         names = {"sr": "SR, TID 1500 measurement report", "text-sr": "SR, narrative text",
                  "sc": "Secondary Capture", "pr": "Grayscale Softcopy Presentation State"}
         for kind, dest, uid, state in sorted(exports):

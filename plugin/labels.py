@@ -102,38 +102,56 @@ def read_labels(path: str | Path) -> list[Label]:
     return out
 
 
+def _write_one(args: tuple) -> dict:
+    from plugin.phantom import write_study
+
+    folder, style, seed, ef, effusion, slices, phases, size = args
+    truth = write_study(folder, style=style, seed=seed, ef=ef, effusion_mm=effusion, slices=slices, phases=phases,
+                        size=size)
+    return {"study_instance_uid": truth.study_instance_uid, "style": style, "ef": truth.ef,
+            "effusion_mm": truth.effusion_mm, **truth_labels(truth)}
+
+
 def write_phantom_set(out_dir: str | Path, n: int, *, seed: int, styles: tuple[str, ...] = ("siemens", "ge", "philips"),
                       slices: int = 8, phases: int = 12, size: int = 128,
-                      on_study: Optional[Callable[[int, int], None]] = None) -> Path:
+                      on_study: Optional[Callable[[int, int], None]] = None, workers: int = 1) -> Path:
     """Write ``n`` labelled phantoms under ``out_dir`` (``<out_dir>/<k>/…`` + ``truth.json``) and
     ``out_dir/labels.csv``; returns the labels path.
 
     Study k uses phantom seed ``seed + k``; its EF option and effusion option are drawn
     independently, each uniformly over the four options (so every option is present in a
     set of a few dozen), then a value uniformly inside that option's range. Deterministic:
-    same arguments → same studies.
+    same arguments → same studies (``workers`` > 1 writes them in that many processes; the
+    bytes do not change).
     """
-    from plugin.phantom import write_study
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 4711])
     ef_opts, eff_opts = list(_EF_RANGES), list(_EFFUSION_RANGES)
-    labels: list[Label] = []
-    index = []
+    jobs = []
     for k in range(n):
         ef_lo, ef_hi = _EF_RANGES[ef_opts[int(rng.integers(4))]]
         ef = float(rng.uniform(ef_lo, ef_hi))
         e_lo, e_hi = _EFFUSION_RANGES[eff_opts[int(rng.integers(4))]]
         effusion = float(rng.uniform(e_lo, e_hi)) if e_hi > 0 else 0.0
-        style = styles[k % len(styles)]
-        truth = write_study(out / f"{k:04d}", style=style, seed=seed + k, ef=ef, effusion_mm=effusion,
-                            slices=slices, phases=phases, size=size)
-        for finding, answer in truth_labels(truth).items():
-            labels.append(Label(truth.study_instance_uid, finding, answer))
-        index.append({"folder": f"{k:04d}", "study_instance_uid": truth.study_instance_uid, "style": style,
-                      "ef": truth.ef, "effusion_mm": truth.effusion_mm, **truth_labels(truth)})
-        if on_study:
-            on_study(k + 1, n)
+        jobs.append((out / f"{k:04d}", styles[k % len(styles)], seed + k, ef, effusion, slices, phases, size))
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = []
+            for k, r in enumerate(pool.map(_write_one, jobs)):
+                results.append(r)
+                if on_study:
+                    on_study(k + 1, n)
+    else:
+        results = []
+        for k, job in enumerate(jobs):
+            results.append(_write_one(job))
+            if on_study:
+                on_study(k + 1, n)
+    labels = [Label(r["study_instance_uid"], f, r[f]) for r in results for f in LABEL_FINDINGS]
+    index = [{"folder": f"{k:04d}", **r} for k, r in enumerate(results)]
     (out / "index.json").write_text(json.dumps(index, indent=1))
     return write_labels(out / "labels.csv", labels)

@@ -125,10 +125,15 @@ def test_demo_tokenizer_and_chat_template(engine_none):
 
 def test_resolve_model_path(demo_dir, tmp_path, monkeypatch):
     cache = demo_dir.parent
-    assert resolve_model_path("demo", cache_dir=cache) == demo_dir
+    # "demo-random" is the untrained random model, built in <cache>/demo-random in seconds;
+    # "demo" is the trained one (minutes on first use: not built here, tests/test_train.py
+    # trains a tiny model instead)
+    random_dir = resolve_model_path("demo-random", cache_dir=cache)
+    assert random_dir == cache / "demo-random"
+    assert fingerprint(random_dir, "none") == fingerprint(demo_dir, "none")
     monkeypatch.setenv("CMR_AI_MODEL_CACHE", str(cache))
     assert demo_model_dir() == demo_dir
-    assert resolve_model_path("demo") == demo_dir
+    assert resolve_model_path("demo-random") == random_dir
     assert resolve_model_path(str(demo_dir)) == demo_dir
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_model_path(str(tmp_path / "nope"))

@@ -13,9 +13,12 @@ layers whose sizes are multiples of 64 so bitsandbytes 4-bit quantisation works 
 
 Model directories
 -----------------
-``CMR_AI_MODEL_CACHE`` names the models cache root (default ``./var/models``); the demo
-model lives in ``<cache>/demo``. ``resolve_model_path("demo")`` builds it there on first
-use and reuses it afterwards; any other spec must be an existing local directory.
+``CMR_AI_MODEL_CACHE`` names the models cache root (default ``./var/models``).
+``resolve_model_path("demo")`` is the TRAINED demo model (:func:`build_trained_demo_model`:
+this random model trained by :mod:`worker.model.train` on labelled phantoms with a fixed
+recipe, a few minutes on a CPU the first time), kept in ``<cache>/demo`` and reused
+afterwards; ``"demo-random"`` is the untrained random model in ``<cache>/demo-random``
+(seconds; what the tests use); any other spec must be an existing local directory.
 """
 from __future__ import annotations
 
@@ -30,19 +33,37 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: never dow
 __all__ = [
     "DEMO_MODEL_DIR",
     "DEMO_MODEL_NAME",
+    "DEMO_RANDOM_NAME",
+    "DEMO_TRAIN_RECIPE",
     "build_demo_adapter",
     "build_demo_model",
+    "build_trained_demo_model",
     "demo_model_dir",
     "is_complete_model_dir",
     "models_cache_dir",
     "resolve_model_path",
 ]
 
-DEMO_MODEL_NAME = "demo"
+DEMO_MODEL_NAME = "demo"  # the trained demo model
+DEMO_RANDOM_NAME = "demo-random"  # the untrained random one
 _DEFAULT_CACHE = Path("var") / "models"
 _MARKER = "cmr_ai_demo.json"  # written last: its presence means the build finished
 # Bump when the architecture, corpus or tokenizer recipe changes: older builds are rebuilt.
 _DEMO_VERSION = 1
+# Bump when the trained demo's recipe (data, training) changes; a cache without
+# ``"trained": true`` in its marker (an older random build) is rebuilt too.
+_TRAINED_VERSION = 3  # 3: lv_systolic_function judged on 2CH + 4CH (cmr_standard), 160 phantoms, 30 epochs
+
+#: How the default demo model is trained (see build_trained_demo_model).
+#: 160 default-size phantoms (what `cmr-ai demo` sends; written in 2 processes), their
+#: preparation and 30 epochs: about 9 min on 2 idle CPU cores (README "The demo model").
+#: The vision tower reads 256 px in 32 px patches: the same 64 image tokens as the random
+#: model, at twice the resolution.
+DEMO_TRAIN_RECIPE: dict = {
+    "phantoms": 160, "phantom_seed": 10000, "slices": 8, "phases": 12, "size": 128,
+    "epochs": 30, "lr": 2e-3, "batch_size": 8, "warmup_steps": 20, "seed": 0, "image_size": 256,
+    "patch_size": 32,
+}
 
 # Sizes. Text linears: 128x128 (q, o), 128x64 (k, v with 2 KV heads), 128x256 (MLP);
 # all multiples of 64, as bitsandbytes 4-bit needs.
@@ -137,16 +158,26 @@ def demo_model_dir(cache_dir: Path | str | None = None) -> Path:
 DEMO_MODEL_DIR: Path = demo_model_dir()
 
 
-def is_complete_model_dir(path: Path | str, seed: int | None = None) -> bool:
-    """True when ``path`` holds a finished demo build of the current version (and seed)."""
+def is_complete_model_dir(path: Path | str, seed: int | None = None, trained: bool = False,
+                          sizes: dict | None = None, recipe: dict | None = None) -> bool:
+    """True when ``path`` holds a finished demo build of the current version (and seed);
+    with ``trained``, a finished trained demo model of the current recipe."""
     path = Path(path)
     try:
         marker = json.loads((path / _MARKER).read_text())
     except (OSError, ValueError):
         return False
-    if marker.get("version") != _DEMO_VERSION:
+    if bool(marker.get("trained")) != trained:
+        return False
+    if trained and marker.get("recipe") != (recipe or DEMO_TRAIN_RECIPE):
+        return False
+    if marker.get("version") != (_TRAINED_VERSION if trained else _DEMO_VERSION):
         return False
     if seed is not None and marker.get("seed") != seed:
+        return False
+    defaults = {"image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "vision_hidden": VISION_HIDDEN,
+                "vision_layers": 2}
+    if sizes and any(marker.get(k, defaults.get(k)) != v for k, v in sizes.items()):
         return False
     needed = ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json")
     return all((path / name).is_file() for name in needed)
@@ -197,7 +228,8 @@ def _build_tokenizer():
     return fast
 
 
-def _build(out_dir: Path, seed: int) -> None:
+def _build(out_dir: Path, seed: int, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE,
+           vision_hidden: int = VISION_HIDDEN, vision_layers: int = 2) -> None:
     """Write a complete demo model into ``out_dir`` (which exists and is empty)."""
     import torch
     from transformers import (
@@ -215,13 +247,13 @@ def _build(out_dir: Path, seed: int) -> None:
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     vision = CLIPVisionConfig(
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        hidden_size=VISION_HIDDEN,
-        intermediate_size=2 * VISION_HIDDEN,
-        num_hidden_layers=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=vision_layers,
         num_attention_heads=4,
-        projection_dim=VISION_HIDDEN,
+        projection_dim=vision_hidden,
     )
     text = LlamaConfig(
         vocab_size=vocab,
@@ -238,7 +270,7 @@ def _build(out_dir: Path, seed: int) -> None:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    n_patches = (IMAGE_SIZE // PATCH_SIZE) ** 2
+    n_patches = (image_size // patch_size) ** 2
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -261,13 +293,13 @@ def _build(out_dir: Path, seed: int) -> None:
     )
 
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
     )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         # CLIP prepends a CLS token; "default" then drops it again.
         num_additional_image_tokens=1,
@@ -278,11 +310,15 @@ def _build(out_dir: Path, seed: int) -> None:
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     (out_dir / _MARKER).write_text(
-        json.dumps({"version": _DEMO_VERSION, "seed": seed, "vocab_size": vocab}, indent=2)
+        json.dumps({"version": _DEMO_VERSION, "seed": seed, "vocab_size": vocab,
+                    "image_size": image_size, "patch_size": patch_size, "vision_hidden": vision_hidden,
+                    "vision_layers": vision_layers}, indent=2)
     )
 
 
-def build_demo_model(out_dir: Path | str | None = None, seed: int = 0) -> Path:
+def build_demo_model(out_dir: Path | str | None = None, seed: int = 0, image_size: int = IMAGE_SIZE,
+                     patch_size: int = PATCH_SIZE, vision_hidden: int = VISION_HIDDEN,
+                     vision_layers: int = 2) -> Path:
     """Build the tiny random demo LLaVA into ``out_dir``, or reuse a finished build there.
 
     The build goes to a temporary sibling directory that is renamed into place when it
@@ -295,7 +331,10 @@ def build_demo_model(out_dir: Path | str | None = None, seed: int = 0) -> Path:
         Target directory; default :func:`demo_model_dir`.
     seed:
         Seed of the random weights. A finished build with another seed (or an older
-        recipe version) is replaced.
+        recipe version, or other image and patch sizes) is replaced.
+    image_size, patch_size:
+        The vision tower's input edge and patch edge in pixels (``(image_size //
+        patch_size) ** 2`` image tokens); the trained demo model uses a larger image.
 
     Returns
     -------
@@ -309,12 +348,14 @@ def build_demo_model(out_dir: Path | str | None = None, seed: int = 0) -> Path:
         When ``out_dir`` cannot be written.
     """
     out_dir = Path(out_dir).expanduser() if out_dir is not None else demo_model_dir()
-    if is_complete_model_dir(out_dir, seed):
+    sizes = {"image_size": image_size, "patch_size": patch_size, "vision_hidden": vision_hidden,
+             "vision_layers": vision_layers}
+    if is_complete_model_dir(out_dir, seed, sizes=sizes):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
     try:
-        _build(tmp, seed)
+        _build(tmp, seed, image_size, patch_size, vision_hidden, vision_layers)
         # mkdtemp makes the directory 0700: open it up like any other cache entry.
         umask = os.umask(0)
         os.umask(umask)
@@ -322,7 +363,7 @@ def build_demo_model(out_dir: Path | str | None = None, seed: int = 0) -> Path:
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
         if out_dir.exists():
-            if is_complete_model_dir(out_dir, seed):  # another process won the race
+            if is_complete_model_dir(out_dir, seed, sizes=sizes):  # another process won the race
                 return out_dir
             stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stale-", dir=out_dir.parent))
             os.replace(out_dir, stale / out_dir.name)
@@ -330,9 +371,70 @@ def build_demo_model(out_dir: Path | str | None = None, seed: int = 0) -> Path:
         try:
             os.replace(tmp, out_dir)
         except OSError:
-            if not is_complete_model_dir(out_dir, seed):
+            if not is_complete_model_dir(out_dir, seed, sizes=sizes):
                 raise
     finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def build_trained_demo_model(out_dir: Path | str | None = None, bars=None, recipe: dict | None = None) -> Path:
+    """The default demo model: the random demo model trained on labelled phantoms; built once.
+
+    Writes :data:`DEMO_TRAIN_RECIPE` ``["phantoms"]`` labelled phantoms (fixed seeds from
+    ``phantom_seed``, EF and effusion spread over every option, see
+    :func:`plugin.labels.write_phantom_set`) into a temporary folder, trains the random
+    demo model on them with :func:`worker.model.train.train` (the recipe's epochs, lr,
+    batch size, seed), and renames the result into ``out_dir`` (default
+    :func:`demo_model_dir`) with the marker written last. A finished build of the current
+    recipe version is reused. ``bars`` (a :class:`plugin.progress.Bars`) shows the
+    phantoms, the preparation and the training; without one, progress lines go to stderr.
+    """
+    from plugin.labels import write_phantom_set
+    from plugin.progress import Bars
+    from worker.model.train import TrainConfig, train
+
+    out_dir = Path(out_dir).expanduser() if out_dir is not None else demo_model_dir()
+    r = dict(DEMO_TRAIN_RECIPE, **(recipe or {}))
+    if is_complete_model_dir(out_dir, trained=True, recipe=r):
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.train-", dir=out_dir.parent))
+    own_bars = Bars(True) if bars is None else None
+    try:
+        b = bars if bars is not None else own_bars.__enter__()
+        task = b.add("demo model: writing training phantoms (once; cached)", total=r["phantoms"])
+        write_phantom_set(tmp / "data", r["phantoms"], seed=r["phantom_seed"], slices=r["slices"],
+                          phases=r["phases"], size=r["size"], on_study=lambda k, n: task.advance(),
+                          workers=min(2, os.cpu_count() or 1))
+        task.done()
+        model_dir = tmp / "model"
+        cfg = TrainConfig(epochs=r["epochs"], lr=r["lr"], batch_size=r["batch_size"], seed=r["seed"],
+                          warmup_steps=r["warmup_steps"], image_size=r["image_size"], patch_size=r["patch_size"])
+        train(tmp / "data", model_dir, config=cfg, bars=b)
+        shutil.rmtree(model_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(model_dir / "prepared", ignore_errors=True)
+        (model_dir / _MARKER).write_text(json.dumps({"version": _TRAINED_VERSION, "trained": True,
+                                                     "recipe": r}, indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(model_dir, 0o777 & ~umask)
+        for f in model_dir.iterdir():
+            os.chmod(f, 0o666 & ~umask)
+        if out_dir.exists():
+            if is_complete_model_dir(out_dir, trained=True, recipe=r):  # another process won the race
+                return out_dir
+            stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stale-", dir=out_dir.parent))
+            os.replace(out_dir, stale / out_dir.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(model_dir, out_dir)
+        except OSError:
+            if not is_complete_model_dir(out_dir, trained=True, recipe=r):
+                raise
+    finally:
+        if own_bars is not None:
+            own_bars.__exit__(None, None, None)
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
@@ -387,7 +489,8 @@ def resolve_model_path(path_spec: str, cache_dir: Path | str | None = None) -> P
     Parameters
     ----------
     path_spec:
-        ``"demo"`` for the built-in tiny random model (built on first use), else the path
+        ``"demo"`` for the built-in tiny trained model (trained on first use, minutes),
+        ``"demo-random"`` for the untrained random one (seconds), else the path
         of a local directory holding a Hugging Face checkpoint. Hub ids are not accepted:
         nothing is ever downloaded.
     cache_dir:
@@ -409,7 +512,10 @@ def resolve_model_path(path_spec: str, cache_dir: Path | str | None = None) -> P
     if not spec:
         raise ModelLoadError("", "model path is empty: give a local directory or 'demo'")
     if spec == DEMO_MODEL_NAME:
-        return build_demo_model(demo_model_dir(cache_dir))
+        return build_trained_demo_model(demo_model_dir(cache_dir))
+    if spec == DEMO_RANDOM_NAME:
+        root = Path(cache_dir).expanduser() if cache_dir is not None else models_cache_dir()
+        return build_demo_model(root / DEMO_RANDOM_NAME)
     path = Path(spec).expanduser()
     if not path.is_dir():
         why = "is not a directory" if path.exists() else "does not exist"

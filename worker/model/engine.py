@@ -58,7 +58,10 @@ __all__ = [
     "fingerprint",
     "get_engine",
     "model_version",
+    "option_logprob_sums",
     "option_probabilities",
+    "question_mosaic",
+    "question_text",
     "run_bundle",
     "tile",
 ]
@@ -516,6 +519,20 @@ class Engine:
 
     # ------------------------------------------------------------------ scoring
 
+    def option_inputs(
+        self, images: Sequence["Image"], question: str, option_texts: Sequence[str]
+    ) -> tuple[str, dict[str, torch.Tensor], list[list[int]]]:
+        """What the model is fed for a scored question: (chat prompt, encoded prompt, option token ids).
+
+        The one place that turns images + question + options into model inputs; scoring
+        (:meth:`option_logprobs`) and training (:mod:`worker.model.train`) both use it.
+        """
+        prompt = self.chat_prompt(self.option_instruction(question, option_texts), 1 if images else 0)
+        conts = self._continuations(prompt, option_texts)
+        with torch.no_grad():
+            inputs = self._encode(prompt, self._one_image(images))
+        return prompt, inputs, conts
+
     def option_logprobs(
         self, images: Sequence["Image"], question: str, option_texts: Sequence[str]
     ) -> list[tuple[float, int]]:
@@ -527,11 +544,8 @@ class Engine:
         """
         if not option_texts:
             raise ValueError("Argument 'option_texts' is empty: need at least one option")
-        prompt = self.chat_prompt(self.option_instruction(question, option_texts), 1 if images else 0)
-        image = self._one_image(images)
-        conts = self._continuations(prompt, option_texts)
+        prompt, inputs, conts = self.option_inputs(images, question, option_texts)
         with self._lock, torch.inference_mode():
-            inputs = self._encode(prompt, image)
             try:
                 return self._logprobs_cached(inputs, conts)
             except (AttributeError, NotImplementedError, TypeError) as exc:  # exotic cache type
@@ -573,26 +587,8 @@ class Engine:
 
     def _logprobs_full(self, inputs: dict[str, torch.Tensor], conts: list[list[int]]) -> list[tuple[float, int]]:
         """Reference path: prompt + option as full sequences in one right-padded batch."""
-        n = len(conts)
-        prompt_ids = inputs["input_ids"][0]
-        p = prompt_ids.shape[0]
-        longest = max(len(c) for c in conts)
-        ids = torch.full((n, p + longest), self._pad_id(), dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for i, c in enumerate(conts):
-            ids[i, :p] = prompt_ids
-            ids[i, p : p + len(c)] = torch.tensor(c, device=self.device)
-            mask[i, : p + len(c)] = 1
-        extra = {}
-        if "pixel_values" in inputs:
-            extra["pixel_values"] = inputs["pixel_values"].expand(n, *inputs["pixel_values"].shape[1:])
-        out = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **extra)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)
-        res = []
-        for i, c in enumerate(conts):
-            s = sum(float(logp[i, p + j - 1, c[j]]) for j in range(len(c)))
-            res.append((s, len(c)))
-        return res
+        (sums,) = option_logprob_sums(self.model, [(inputs, conts)], self._pad_id())
+        return [(float(v), len(c)) for v, c in zip(sums, conts)]
 
     def score_options(
         self,
@@ -660,6 +656,71 @@ class Engine:
             if candidate is not None:
                 return int(candidate)
         return 0  # pragma: no cover
+
+
+def option_logprob_sums(
+    model: Any, items: Sequence[tuple[dict[str, torch.Tensor], list[list[int]]]], pad_id: int
+) -> list[torch.Tensor]:
+    """Summed log-probability of each option's tokens after its prompt, for several prompts at once.
+
+    ``items`` holds (encoded prompt as from :meth:`Engine._encode`, option token ids) pairs;
+    every prompt + option becomes one sequence of a right-padded batch (the prompt's
+    ``pixel_values`` repeated per option) that goes through ``model`` in ONE forward pass.
+    Returns, per item, a float32 tensor of the options' sums. Differentiable: inference
+    calls it under ``torch.inference_mode`` (:meth:`Engine._logprobs_full`), training
+    (:mod:`worker.model.train`) takes the gradient of a loss on it.
+    """
+    device = items[0][0]["input_ids"].device
+    rows = []  # (prompt ids, continuation, pixel values or None)
+    for inputs, conts in items:
+        for c in conts:
+            rows.append((inputs["input_ids"][0], c, inputs.get("pixel_values")))
+    width = max(p.shape[0] + len(c) for p, c, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, (p, c, _) in enumerate(rows):
+        ids[i, : p.shape[0]] = p
+        ids[i, p.shape[0] : p.shape[0] + len(c)] = torch.tensor(c, device=device)
+        mask[i, : p.shape[0] + len(c)] = 1
+    extra = {}
+    pixels = [pv for _, _, pv in rows if pv is not None]
+    if pixels:
+        if len(pixels) != len(rows):
+            raise ValueError("option_logprob_sums: mixing prompts with and without an image in one batch")
+        extra["pixel_values"] = torch.cat(pixels, dim=0)
+    # Only the positions that predict an option token need logits (lm_head over the whole
+    # vocabulary at every prompt position is most of the work otherwise).
+    keep = sorted({p.shape[0] - 1 + j for p, c, _ in rows for j in range(len(c))})
+    col = {pos: k for k, pos in enumerate(keep)}
+    out = model(input_ids=ids, attention_mask=mask, use_cache=False,
+                logits_to_keep=torch.tensor(keep, device=device), **extra)
+    r_idx, c_idx, t_idx, owner = [], [], [], []
+    for i, (p, c, _) in enumerate(rows):
+        for j, tok_id in enumerate(c):
+            r_idx.append(i)
+            c_idx.append(col[p.shape[0] - 1 + j])
+            t_idx.append(tok_id)
+            owner.append(i)
+    picked = out.logits[torch.tensor(r_idx, device=device), torch.tensor(c_idx, device=device)].float()
+    token_logp = torch.log_softmax(picked, dim=-1).gather(1, torch.tensor(t_idx, device=device)[:, None])[:, 0]
+    per_row = torch.zeros(len(rows), dtype=token_logp.dtype, device=device)
+    per_row = per_row.index_add(0, torch.tensor(owner, device=device), token_logp)
+    sums = list(per_row.unbind(0))
+    res, k = [], 0
+    for _, conts in items:
+        res.append(torch.stack(sums[k : k + len(conts)]))
+        k += len(conts)
+    return res
+
+
+def question_text(bundle: AnalysisBundle, question: Any) -> str:
+    """The question as the model reads it: the bundle's clinical context (if any), then the text."""
+    return f"{bundle.clinical_context}\n{question.text}" if bundle.clinical_context else question.text
+
+
+def question_mosaic(pil: dict, chosen: Sequence[Any]) -> list["Image"]:
+    """The image list of a scored question: ONE labelled mosaic of ``chosen`` (none when empty)."""
+    return [tile([pil[im.key] for im in chosen], labels=[im.label for im in chosen])] if chosen else []
 
 
 # --------------------------------------------------------------------------- loading helpers
@@ -901,7 +962,7 @@ def score_with_backoff(engine: "Engine", chosen: list, pil: dict, question: str,
     even one image does not fit.
     """
     while True:
-        images = [tile([pil[im.key] for im in chosen], labels=[im.label for im in chosen])] if chosen else []
+        images = question_mosaic(pil, chosen)
         try:
             return engine.option_logprobs(images, question, option_texts), chosen
         except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
@@ -974,7 +1035,7 @@ def run_bundle(engine: Engine, bundle: AnalysisBundle, model_name: str | None = 
                 f"Question {q.id!r}: {len(q.options)} options but {len(q.option_texts)} option_texts"
             )
         tq = time.perf_counter()
-        question = f"{bundle.clinical_context}\n{q.text}" if bundle.clinical_context else q.text
+        question = question_text(bundle, q)
         scored, chosen = score_with_backoff(engine, bundle.images_for(q.views), pil, question, q.option_texts)
         used.update(im.key for im in chosen)
         probs = option_probabilities(scored, engine.normalization, (calibration or {}).get(q.id, 1.0))
