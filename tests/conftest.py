@@ -13,6 +13,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# no test trains the demo model (minutes): one that asks for `path: demo` fails at once, saying so
+os.environ["CMR_AI_NO_DEMO_TRAINING"] = "1"
 # Test traffic is for 127.0.0.1 only: never let a proxy from the environment carry it.
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(
     x for x in ("127.0.0.1", "localhost", os.environ.get("NO_PROXY", ""), os.environ.get("no_proxy", "")) if x)

@@ -406,3 +406,13 @@ def test_run_bundle_without_impression_and_bad_question(engine_none):
     )
     with pytest.raises(ValueError, match="'x'"):
         run_bundle(engine_none, bad, "demo")
+
+
+def test_the_trained_demo_model_is_never_trained_inside_the_test_suite(tmp_path):
+    """conftest sets CMR_AI_NO_DEMO_TRAINING=1: `path: demo` without a built model fails at once, naming why."""
+    from worker.demo_model import resolve_model_path
+    from worker.model.engine import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="CMR_AI_NO_DEMO_TRAINING=1 forbids training"):
+        resolve_model_path("demo", cache_dir=tmp_path)
+    assert not (tmp_path / "demo").exists()

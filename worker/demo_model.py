@@ -512,7 +512,12 @@ def resolve_model_path(path_spec: str, cache_dir: Path | str | None = None) -> P
     if not spec:
         raise ModelLoadError("", "model path is empty: give a local directory or 'demo'")
     if spec == DEMO_MODEL_NAME:
-        return build_trained_demo_model(demo_model_dir(cache_dir))
+        out = demo_model_dir(cache_dir)
+        if os.environ.get("CMR_AI_NO_DEMO_TRAINING") == "1" and not is_complete_model_dir(out, trained=True):
+            # the test suite sets it: a test must name its model directory, never train for minutes
+            raise ModelLoadError(str(out), "the trained demo model is not built and CMR_AI_NO_DEMO_TRAINING=1 "
+                                           "forbids training it here (use 'demo-random' or a model directory)")
+        return build_trained_demo_model(out)
     if spec == DEMO_RANDOM_NAME:
         root = Path(cache_dir).expanduser() if cache_dir is not None else models_cache_dir()
         return build_demo_model(root / DEMO_RANDOM_NAME)
