@@ -210,7 +210,9 @@ def _run_demo(bars, workdir: str | Path, *, keep_running: bool, timeout: float) 
             mark = "" if known is None else (f"[green]{known} ✓[/]" if known == f["answer"] else f"[red]{known} ✗[/]")
             table.add_row(f["id"], f["answer"], f"{f['probabilities'][f['answer']]:.2f}", mark, probs)
         console.print(table)
-        console.print(f"[bold]Impression (AI draft):[/] {result.get('impression') or '(none)'}")
+        from rich.markup import escape
+
+        console.print(f"[bold]Impression (AI draft):[/] {escape(result.get('impression') or '(none)')}")
         if model_dir.name == "demo":
             console.print("[dim](the demo model is a tiny LLaVA trained here on synthetic phantoms for the two "
                           "findings with a phantom truth (README, \"The demo model\"); its other answers and the "

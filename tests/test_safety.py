@@ -112,6 +112,18 @@ def test_treatment_and_certainty_sentences_are_removed(template):
     assert cleaned == REMOVED_CERTAINTY
 
 
+def test_a_looping_impression_is_removed_and_flagged(template):
+    """A generation stuck on one word (the trained demo model's impression did this) is not a draft."""
+    loop = "none " * 40
+    cleaned, flags = check_impression(loop, answers(), template)
+    assert cleaned == "[removed: repetitive text]"
+    assert kinds(flags) == [FlagKind.DEGENERATE] and "repeated" in flags[0].message
+    # ordinary sentences repeat short words without being loops
+    ok = "Normal LV size and function. The pericardium is normal and there is no effusion."
+    assert check_impression(ok, answers(), template) == (ok, [])
+    assert check_impression("normal normal", answers(), template)[1] == []  # too short to judge
+
+
 # --------------------------------------------------------------------------- criticals
 
 

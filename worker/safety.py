@@ -96,6 +96,7 @@ log = logging.getLogger(__name__)
 PROBE_THRESHOLD = 0.02
 
 REMOVED_TREATMENT = "[removed: treatment advice]"
+REMOVED_DEGENERATE = "[removed: repetitive text]"
 REMOVED_CERTAINTY = "[removed: certainty language]"
 
 
@@ -106,6 +107,7 @@ class FlagKind(str, Enum):
     TREATMENT_ADVICE = "treatment_advice"
     CERTAINTY = "certainty_language"
     IMAGE_INDEPENDENT = "image_independent"
+    DEGENERATE = "degenerate_text"
 
 
 class SafetyFlag(BaseModel):
@@ -263,6 +265,16 @@ def _answers(findings: Sequence[FindingResult] | dict[str, str]) -> dict[str, st
     return {f.id: f.answer for f in findings}
 
 
+def _degenerate(text: str) -> bool:
+    """A generation stuck in a loop: at least 8 words, half of them one and the same word."""
+    words = re.findall(r"[\w'-]+", text.lower())
+    if len(words) < 8:
+        return False
+    from collections import Counter
+
+    return Counter(words).most_common(1)[0][1] * 2 >= len(words)
+
+
 def check_impression(
     impression: str,
     findings: Sequence[FindingResult] | dict[str, str],
@@ -290,6 +302,10 @@ def check_impression(
     flags: list[SafetyFlag] = []
     kept: list[str] = []
     out: list[str] = []
+    if _degenerate(impression):
+        flags.append(SafetyFlag(kind=FlagKind.DEGENERATE, text=impression[:200],
+                                message="the model's impression was one word repeated: removed"))
+        return REMOVED_DEGENERATE, flags
     for s in _sentences(impression):
         if any(p.search(s) for p in TREATMENT_PATTERNS):
             out.append(REMOVED_TREATMENT)
