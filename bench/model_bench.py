@@ -66,7 +66,7 @@ from plugin import phantom  # noqa: E402
 from plugin.cardiac import analyse_paths  # noqa: E402
 from plugin.reports.template import load_template  # noqa: E402
 from worker.bundle import AnalysisBundle  # noqa: E402
-from worker.model.engine import Engine, Quantization, run_bundle, tile  # noqa: E402
+from worker.model.engine import Engine, Quantization, question_mosaic, run_bundle  # noqa: E402
 
 console = Console(soft_wrap=True)
 STUDY = dict(slices=8, phases=12, size=128, seed=11, ef=0.35, effusion_mm=12.0)
@@ -101,8 +101,7 @@ def question_images(bundle: AnalysisBundle) -> dict[str, list]:
     pil = {im.key: im.to_pil() for im in bundle.images}
     out = {}
     for q in bundle.questions:
-        chosen = bundle.images_for(q.views)
-        out[q.id] = [tile([pil[im.key] for im in chosen], labels=[im.label for im in chosen])]
+        out[q.id] = question_mosaic(pil, bundle.question_images(q), q.zoom)
     return out
 
 

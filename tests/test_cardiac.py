@@ -35,7 +35,7 @@ from pydicom.uid import (
 
 from plugin.cardiac import PrepareError, View, analyse_paths, classify_study, load_study, prepare_images
 from plugin.cardiac.classify import ring_angle, ring_basis, text_hints, tokens, unit
-from plugin.cardiac.prepare import FrameReader, blood_pool
+from plugin.cardiac.prepare import FrameReader, blood_pool, lv_roi
 
 AXIS = unit([0.55, -0.45, -0.70])  # LV long axis, base → apex (LPS)
 HEART = np.array([20.0, -30.0, 40.0])  # LV centre, mm
@@ -596,3 +596,53 @@ def test_rendering_orientation_does_not_depend_on_how_the_scanner_stored_rows(tm
         x = np.asarray(a.to_pil().convert("L"), float)
         y = np.asarray(b.to_pil().convert("L"), float)
         assert np.abs(x - y).mean() < 6.0, (a.key, np.abs(x - y).mean())
+
+
+# ---------------------------------------------------------------------------- the LV region
+
+
+@pytest.mark.parametrize("style", ["siemens", "ge", "philips"])
+def test_sax_images_carry_the_lv_region_found_at_ed(tmp_path, style):
+    """Each SAX ED/ES pair shares one square around the LV blood pool of its ED image; the
+    ES cavity inside that square is smaller than the ED one (what `zoom: lv` shows)."""
+    phantom = _phantom()
+    phantom.write_study(tmp_path, style=style, seed=3, ef=0.30)
+    paths = sorted(p for p in Path(tmp_path).rglob("*") if p.is_file())
+    _study, _cls, images, _lim = analyse_paths(paths)
+    by = {im.key: im for im in images}
+    for level in ("basal", "mid", "apical"):
+        ed, es = by[f"SAX_{level}_ED"], by[f"SAX_{level}_ES"]
+        assert ed.roi is not None and ed.roi == es.roi, (level, ed.roi, es.roi)
+        left, top, right, bottom = ed.roi
+        w, h = ed.to_pil().size
+        assert right - left == bottom - top                       # square
+        assert 0 <= left < right <= w and 0 <= top < bottom <= h  # inside the image
+        assert right - left <= 0.9 * min(w, h)                    # a real zoom
+    for im in images:
+        if im.view != "SAX":
+            assert im.roi is None, im.key
+    mid_ed, mid_es = by["SAX_mid_ED"], by["SAX_mid_ES"]
+    crop_ed = np.asarray(mid_ed.to_pil().convert("L").crop(mid_ed.roi), dtype=float)
+    crop_es = np.asarray(mid_es.to_pil().convert("L").crop(mid_es.roi), dtype=float)
+    pool_ed, pool_es = blood_pool(crop_ed), blood_pool(crop_es)
+    # the cavity is found again inside the crop, near its centre, and it shrinks at ES (EF 0.30)
+    side = crop_ed.shape[0]
+    assert abs(pool_ed.centre[0] - side / 2) < side / 4 and abs(pool_ed.centre[1] - side / 2) < side / 4
+    assert pool_es.area < 0.85 * pool_ed.area, (pool_ed, pool_es)
+    # the cavity is a sizeable part of the crop, not a dot in a wide field
+    assert pool_ed.area > 0.05 * side * side
+
+
+def test_lv_roi_none_without_a_blood_pool_and_kept_inside_the_image():
+    assert lv_roi(Image.new("L", (224, 224), 0)) is None               # nothing bright
+    img = np.zeros((224, 224), dtype=np.uint8)
+    yy, xx = np.indices(img.shape)
+    img[(yy - 100) ** 2 + (xx - 60) ** 2 < 15 ** 2] = 220             # a round pool left of centre
+    roi = lv_roi(Image.fromarray(img))
+    assert roi is not None
+    left, top, right, bottom = roi
+    assert left <= 60 <= right and top <= 100 <= bottom
+    assert 0 <= left and right <= 224 and 0 <= top and bottom <= 224
+    big = np.zeros_like(img)
+    big[(yy - 112) ** 2 + (xx - 112) ** 2 < 50 ** 2] = 220            # a pool this big: the square
+    assert lv_roi(Image.fromarray(big)) is None                       # would be the whole image

@@ -28,6 +28,7 @@ from worker.model.engine import (
     fingerprint,
     get_engine,
     model_version,
+    question_mosaic,
     run_bundle,
     tile,
 )
@@ -326,6 +327,42 @@ def test_tile():
         tile([])
     with pytest.raises(ValueError, match="labels"):
         tile([ring_image(20)], labels=["a", "b"])
+
+
+def test_question_images_slices_and_lv_zoom():
+    """A question's images: its views narrowed to its SAX slices (with fallbacks); with
+    zoom "lv" each image with a roi is cropped to it before tiling, the same box for ED and ES."""
+    def image(key, view, phase, img, roi=None):
+        src = SourceRef(sop_class_uid="1.2.840.10008.5.1.4.1.1.4", sop_instance_uid=f"1.2.3.{zlib.crc32(key.encode())}",
+                        series_instance_uid="1.2.3", rows=img.height, columns=img.width)
+        return BundleImage(key=key, view=view, phase=phase, label=key.replace("_", " "),
+                           png_b64=BundleImage.encode_png(img), source=src, roi=roi)
+
+    dot = Image.new("RGB", (200, 200), (0, 0, 0))
+    ImageDraw.Draw(dot).ellipse((90, 90, 110, 110), fill=(255, 255, 255))  # a small bright "LV"
+    roi = (70, 70, 130, 130)
+    imgs = [image(f"SAX_{lvl}_{ph}", "SAX", ph, dot, roi) for lvl in ("basal", "mid") for ph in ("ED", "ES")]
+    imgs.append(image("4CH_ED", "4CH", "ED", dot))
+    q = Question(id="lv", text="?", options=["a", "b"], option_texts=["a", "b"], views=["SAX"], slices=["mid"],
+                 zoom="lv")
+    b = AnalysisBundle(job_id=1, study_instance_uid="1.2.3", model="m", template="t", questions=[q], images=imgs)
+    assert [im.key for im in b.question_images(q)] == ["SAX_mid_ED", "SAX_mid_ES"]
+    assert [im.level for im in b.question_images(q)] == ["mid", "mid"] and imgs[-1].level == ""
+    # no mid slice: the view's images; no such view: every image
+    assert [im.key for im in b.images_for(["SAX"], ["apical"])] == [im.key for im in imgs[:4]]
+    assert len(b.images_for(["3CH"], ["mid"])) == len(imgs)
+
+    chosen = b.question_images(q)
+    pil = {im.key: im.to_pil() for im in imgs}
+    whole = question_mosaic(pil, chosen)[0]
+    zoomed = question_mosaic(pil, chosen, "lv")[0]
+    assert whole.size == zoomed.size  # same tiling, other content
+    bright = lambda m: (np.asarray(m.convert("L")) > 128).mean()  # noqa: E731
+    assert bright(zoomed) > 5 * bright(whole)  # the LV fills far more of each tile
+    # an image without a roi is shown whole, also with zoom
+    assert np.array_equal(np.asarray(question_mosaic(pil, imgs[-1:], "lv")[0]), np.asarray(question_mosaic(pil, imgs[-1:])[0]))
+    with pytest.raises(ValueError, match="zoom"):
+        question_mosaic(pil, chosen, "heart")
 
 
 # --------------------------------------------------------------------------- run_bundle

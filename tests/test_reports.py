@@ -295,6 +295,55 @@ def test_template_errors_have_file_line_key_all_at_once(tmp_path):
     assert lines == sorted(lines)
 
 
+SLICES = """\
+name: slices
+title: Slices and zoom
+procedure: SCT.CardiacMRI
+findings:
+  - id: lv_systolic_function
+    question: "How is the left ventricular systolic function?"
+    concept: SCT.CardiacEjectionFraction
+    views: [4CH]
+    slices: [mid]
+    zoom: heart
+    options:
+      - {id: normal, text: "normal", code: SCT.Normal}
+      - {id: reduced, text: "reduced", code: SCT.Severe}
+  - id: lv_size
+    question: "What is the size of the left ventricle?"
+    concept: SCT.LeftVentricularCavitySize
+    views: [SAX]
+    slices: [mid, middle]
+    options:
+      - {id: normal, text: "normal", code: SCT.NormalSizeCardiacChamber}
+      - {id: big, text: "enlarged", code: SCT.MarkedlyEnlargedCardiacChamber}
+"""
+
+
+def test_template_slices_and_zoom_are_checked(tmp_path):
+    p = tmp_path / "slices.yaml"
+    p.write_text(SLICES)
+    with pytest.raises(TemplateError) as ei:
+        load_template(p)
+    errors = ei.value.errors
+    print("\n".join(errors))
+    assert any(e.startswith(f"{p}:9: findings[0].slices: ") and "add SAX to views" in e for e in errors)
+    assert any(e.startswith(f"{p}:10: findings[0].zoom: ") and "lv" in e for e in errors)
+    assert any(e.startswith(f"{p}:18: findings[1].slices[1]: ") and "middle" in e for e in errors)
+    fixed = SLICES.replace("views: [4CH]", "views: [SAX, 4CH]").replace("zoom: heart", "zoom: lv").replace(
+        "[mid, middle]", "[apical, mid, apical]")
+    p.write_text(fixed)
+    qs = {q.id: q for q in load_template(p).questions()}
+    assert (qs["lv_systolic_function"].slices, qs["lv_systolic_function"].zoom) == (["mid"], "lv")
+    assert (qs["lv_size"].slices, qs["lv_size"].zoom) == (["apical", "mid"], "")
+
+
+def test_cmr_standard_judges_lv_function_on_the_zoomed_mid_sax_slice():
+    for name in ("cmr_standard", "lv_function"):
+        q = next(q for q in load_template(name).questions() if q.id == "lv_systolic_function")
+        assert (q.views, q.slices, q.zoom) == (["SAX"], ["mid"], "lv"), name
+
+
 def test_template_yaml_syntax_error_names_line(tmp_path):
     p = tmp_path / "broken.yaml"
     p.write_text("name: broken\ntitle: x\nfindings:\n  - id: a\n   question: [\n")

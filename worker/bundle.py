@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Optional
+from typing import Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +37,17 @@ class BundleImage(BaseModel):
     label: str  # human-readable, burnt into the SC ("SAX mid ED")
     png_b64: str
     source: SourceRef
+    #: The LV region of this image, ``(left, top, right, bottom)`` in its pixels: a square
+    #: around the LV blood pool found on the end-diastolic image of the same slice (so the
+    #: ED and ES images share it). Set for short-axis images by ``prepare`` when a blood
+    #: pool is found; a question with ``zoom: lv`` shows the model this region only.
+    roi: Optional[tuple[int, int, int, int]] = None
+
+    @property
+    def level(self) -> str:
+        """The SAX slice level of the image (``basal``, ``mid``, ``apical``), from its key; "" otherwise."""
+        parts = self.key.split("_")
+        return parts[1] if len(parts) == 3 and parts[0] == "SAX" else ""
 
     def to_pil(self):
         from PIL import Image
@@ -60,6 +71,8 @@ class Question(BaseModel):
     options: list[str]  # option ids, e.g. ["none", "small", "moderate", "large"]
     option_texts: list[str]  # what the model scores, same order as options
     views: list[str]  # View values the finding is judged on
+    slices: list[str] = Field(default_factory=list)  # SAX levels to use ("basal", "mid", "apical"); [] = all
+    zoom: str = ""  # "lv": crop each image to its BundleImage.roi before tiling; "" = whole images
 
 
 class AnalysisBundle(BaseModel):
@@ -76,10 +89,19 @@ class AnalysisBundle(BaseModel):
     limitations: list[str] = Field(default_factory=list)
     clinical_context: str = ""  # "Clinical context: 54-year-old male; reason: …" (from the study), or ""
 
-    def images_for(self, views: list[str]) -> list[BundleImage]:
-        """The images of the given views, in bundle order; all images when none match."""
+    def images_for(self, views: list[str], slices: Sequence[str] = ()) -> list[BundleImage]:
+        """The images of the given views, in bundle order; with ``slices``, of the SAX view
+        only those slice levels. Falls back to the views' images without the slice filter,
+        then to all images, when nothing matches."""
         chosen = [im for im in self.images if im.view in views]
+        if slices:
+            narrowed = [im for im in chosen if im.view != "SAX" or im.level in slices]
+            chosen = narrowed or chosen
         return chosen or list(self.images)
+
+    def question_images(self, question: "Question") -> list[BundleImage]:
+        """The images a question is judged on: its views, narrowed to its SAX ``slices``."""
+        return self.images_for(question.views, question.slices)
 
 
 class FindingResult(BaseModel):

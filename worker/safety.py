@@ -346,12 +346,11 @@ def critical_findings(result: InferenceResult, template: "Template") -> list[tup
 # --------------------------------------------------------------------------- probe
 
 
-def _question_images(bundle: AnalysisBundle, pil: dict[str, Any], views: list[str]) -> list[Any]:
-    """The one labelled mosaic :func:`worker.model.engine.run_bundle` shows for these views."""
-    from worker.model.engine import tile
+def _question_images(bundle: AnalysisBundle, pil: dict[str, Any], question: Any) -> list[Any]:
+    """The one labelled mosaic :func:`worker.model.engine.run_bundle` shows for this question."""
+    from worker.model.engine import question_mosaic
 
-    chosen = bundle.images_for(views)
-    return [tile([pil[im.key] for im in chosen], labels=[im.label for im in chosen])] if chosen else []
+    return question_mosaic(pil, bundle.question_images(question), question.zoom)
 
 
 def image_dependence_probe(
@@ -385,20 +384,23 @@ def image_dependence_probe(
     """
     from PIL import Image as PILImage
 
+    from worker.model.engine import question_text
+
     t0 = time.perf_counter()
     pil = {im.key: im.to_pil() for im in bundle.images}
     ref = {f.id: f.probabilities for f in reference.findings} if reference is not None else {}
     per: dict[str, float] = {}
     for q in bundle.questions:
-        images = _question_images(bundle, pil, q.views)
+        images = _question_images(bundle, pil, q)
         if not images:
             continue
+        text = question_text(bundle, q)  # with the clinical context, as run_bundle asks it
         if q.id in ref and all(o in ref[q.id] for o in q.options):
             real = [float(ref[q.id][o]) for o in q.options]
         else:
-            real = engine.score_options(images, q.text, q.option_texts)
+            real = engine.score_options(images, text, q.option_texts)
         blank = [PILImage.new("RGB", im.size, (0, 0, 0)) for im in images]
-        empty = engine.score_options(blank, q.text, q.option_texts)
+        empty = engine.score_options(blank, text, q.option_texts)
         per[q.id] = max(abs(a - b) for a, b in zip(real, empty))
     worst = max(per.values(), default=0.0)
     return ProbeResult(max_abs_diff=worst, threshold=threshold, flagged=bool(per) and worst < threshold,

@@ -5,6 +5,8 @@ What is rendered (keys of the :class:`~worker.bundle.BundleImage` s):
 - SAX: basal, mid and apical slices (25 %, 50 %, 75 % along the stack, base → apex,
   after dropping end slices where no LV blood pool is found at ED) at end-diastole
   and end-systole: ``SAX_basal_ED``, ``SAX_basal_ES``, ``SAX_mid_ED`` … ``SAX_apical_ES``.
+  Each pair carries the LV region found on its ED image (``roi``, :func:`lv_roi`), which a
+  template question with ``zoom: lv`` crops to.
 - each long-axis view present: ``2CH_ED``, ``2CH_ES``, ``3CH_ED`` … ``4CH_ES``.
 
 :func:`prepare_images` returns the images and the limitations; :func:`prepare_study`
@@ -327,6 +329,38 @@ def blood_pool(img: np.ndarray, hint: Optional[tuple[float, float]] = None) -> O
     region = dilate(labels == chosen) & mask
     ys, xs = np.nonzero(region)
     return Pool(float(len(ys)) * f * f, (float(ys.mean() + 0.5) * f - 0.5, float(xs.mean() + 0.5) * f - 0.5))
+
+
+#: The LV region (BundleImage.roi) is a square of this many times the square root of the
+#: blood-pool area (the cavity's diameter is about 1.13 times it): the cavity, the
+#: myocardium around it and a margin; never smaller than MIN_ROI_FRACTION of the image.
+ROI_SCALE = 2.4
+MIN_ROI_FRACTION = 0.2
+MAX_ROI_FRACTION = 0.9  # a larger square is no zoom: no roi
+
+
+def lv_roi(img: Image.Image) -> Optional[tuple[int, int, int, int]]:
+    """The LV region of a rendered short-axis end-diastolic image: ``(left, top, right, bottom)``.
+
+    A square of :data:`ROI_SCALE` × √(blood-pool area) centred on the LV blood pool
+    (:func:`blood_pool` on the rendered image), moved inside the image where it would
+    cross an edge. None when no blood pool is found or the square would cover most of
+    the image. The ES image of the same slice is cropped with the same box, so the
+    cavity's change between them stays visible.
+    """
+    gray = np.asarray(img.convert("L"), dtype=np.float64)
+    pool = blood_pool(gray)
+    if pool is None:
+        return None
+    h, w = gray.shape
+    side = max(ROI_SCALE * math.sqrt(pool.area), MIN_ROI_FRACTION * min(h, w))
+    if side > MAX_ROI_FRACTION * min(h, w):
+        return None
+    side = int(round(side))
+    cy, cx = pool.centre
+    left = int(round(min(max(cx - side / 2, 0), w - side)))
+    top = int(round(min(max(cy - side / 2, 0), h - side)))
+    return (left, top, left + side, top + side)
 
 
 # ---------------------------------------------------------------------------- phases
@@ -657,7 +691,8 @@ def prepare_study(study: Study, classifications: dict[str, Classification], *,
                     except Exception as e:  # noqa: BLE001 - truncated / undecodable pixel data
                         errors.append(f"slice {first + j + 1}: {type(e).__name__}: {e}")
                         continue
-                    images.extend(pair)
+                    roi = _guarded(lambda: lv_roi(pair[0].to_pil()), f"SAX {name} LV region", limitations)
+                    images.extend(im.model_copy(update={"roi": roi}) for im in pair)
                     done.add(j)
                     if j != i:
                         sel["slices"][name] = first + j

@@ -51,10 +51,10 @@ import difflib
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      ValidationError)
+                      ValidationError, ValidationInfo, field_validator)
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from ruamel.yaml import YAML
@@ -202,8 +202,19 @@ class Finding(_Strict):
     concept: CodeField
     site: Optional[CodeField] = None
     views: list[ViewName] = Field(min_length=1)
+    #: short-axis slice levels to show (default all three); needs SAX in ``views``
+    slices: list[Literal["basal", "mid", "apical"]] = Field(default_factory=list)
+    #: ``lv``: crop each image to the LV region ``prepare`` found (short-axis images)
+    zoom: Optional[Literal["lv"]] = None
     critical: list[str] = Field(default_factory=list)
     options: list[Option] = Field(min_length=2)
+
+    @field_validator("slices")
+    @classmethod
+    def _slices_need_sax(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        if v and "SAX" not in (info.data.get("views") or []):
+            raise ValueError("slices choose short-axis slice levels: add SAX to views")
+        return list(dict.fromkeys(v))
 
     @property
     def topic(self) -> str:
@@ -269,7 +280,8 @@ class Template(_Strict):
     def questions(self) -> list[Question]:
         """The findings as the model sees them (``worker.bundle.Question``), in order."""
         return [Question(id=f.id, text=f.question, options=[o.id for o in f.options],
-                         option_texts=[o.text for o in f.options], views=list(f.views))
+                         option_texts=[o.text for o in f.options], views=list(f.views),
+                         slices=list(f.slices), zoom=f.zoom or "")
                 for f in self.findings]
 
     def all_codes(self) -> list[tuple[str, CodeSpec]]:
@@ -336,6 +348,8 @@ def _pydantic_errors(ve: ValidationError) -> list[tuple[tuple, str]]:
                                                  (f"; expected one of {', '.join(known)}" if known else ""))
         elif err["type"] == "missing":
             msg = f"required key {loc[-1]!r} is missing"
+        elif err["type"] == "literal_error":
+            msg = f"{err.get('input')!r}: {msg}"
         out.append((loc, msg))
     return out
 

@@ -718,9 +718,25 @@ def question_text(bundle: AnalysisBundle, question: Any) -> str:
     return f"{bundle.clinical_context}\n{question.text}" if bundle.clinical_context else question.text
 
 
-def question_mosaic(pil: dict, chosen: Sequence[Any]) -> list["Image"]:
-    """The image list of a scored question: ONE labelled mosaic of ``chosen`` (none when empty)."""
-    return [tile([pil[im.key] for im in chosen], labels=[im.label for im in chosen])] if chosen else []
+def question_mosaic(pil: dict, chosen: Sequence[Any], zoom: str = "") -> list["Image"]:
+    """The image list of a scored question: ONE labelled mosaic of ``chosen`` (none when empty).
+
+    With ``zoom="lv"`` each image that has a ``roi`` (the LV region ``prepare`` found, shared
+    by the ED and ES images of a slice) is cropped to it first, so the ventricle fills its
+    tile instead of a fraction of it; images without one are shown whole.
+    """
+    if not chosen:
+        return []
+    if zoom not in ("", "lv"):
+        raise ValueError(f"unknown zoom {zoom!r}: expected 'lv' or ''")
+    imgs = []
+    for im in chosen:
+        img = pil[im.key]
+        roi = getattr(im, "roi", None)
+        if zoom == "lv" and roi is not None:
+            img = img.crop(tuple(roi))
+        imgs.append(img)
+    return [tile(imgs, labels=[im.label for im in chosen])]
 
 
 # --------------------------------------------------------------------------- loading helpers
@@ -955,14 +971,16 @@ def _is_oom(e: BaseException) -> bool:
     return (oom is not None and isinstance(e, oom)) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
-def score_with_backoff(engine: "Engine", chosen: list, pil: dict, question: str, option_texts: list[str]):
-    """Score on a mosaic of ``chosen``; on out-of-memory, retry with half the images, then give up.
+def score_with_backoff(engine: "Engine", chosen: list, pil: dict, question: str, option_texts: list[str],
+                       zoom: str = ""):
+    """Score on a mosaic of ``chosen`` (:func:`question_mosaic`, with ``zoom``); on
+    out-of-memory, retry with half the images, then give up.
 
     Returns (scored, images actually used). Raises RuntimeError naming the question when
     even one image does not fit.
     """
     while True:
-        images = question_mosaic(pil, chosen)
+        images = question_mosaic(pil, chosen, zoom)
         try:
             return engine.option_logprobs(images, question, option_texts), chosen
         except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
@@ -992,7 +1010,8 @@ def run_bundle(engine: Engine, bundle: AnalysisBundle, model_name: str | None = 
                calibration: Optional[dict[str, float]] = None) -> InferenceResult:
     """Answer every question of ``bundle`` by option scoring, then write the impression.
 
-    For each question the images of its views (:meth:`AnalysisBundle.images_for`) are
+    For each question the images of its views (:meth:`AnalysisBundle.question_images`:
+    its views, narrowed to its SAX slices) are — cropped to the LV with ``zoom: lv`` —
     tiled into one labelled mosaic and the option texts scored; the answer is the option
     with the highest probability. With ``bundle.impression`` a short impression is then
     generated from all images and a summary of the answers.
@@ -1036,7 +1055,8 @@ def run_bundle(engine: Engine, bundle: AnalysisBundle, model_name: str | None = 
             )
         tq = time.perf_counter()
         question = question_text(bundle, q)
-        scored, chosen = score_with_backoff(engine, bundle.images_for(q.views), pil, question, q.option_texts)
+        scored, chosen = score_with_backoff(engine, bundle.question_images(q), pil, question, q.option_texts,
+                                            q.zoom)
         used.update(im.key for im in chosen)
         probs = option_probabilities(scored, engine.normalization, (calibration or {}).get(q.id, 1.0))
         best = max(range(len(probs)), key=probs.__getitem__)

@@ -55,7 +55,7 @@ __all__ = ["Example", "TrainConfig", "auroc", "build_examples", "find_studies", 
 
 log = logging.getLogger("cmr_ai.train")
 
-_PREPARED_VERSION = 1
+_PREPARED_VERSION = 2  # 2: images carry the LV roi, questions slices/zoom
 
 
 @dataclass
@@ -192,7 +192,7 @@ def question_example(engine: Engine, bundle: AnalysisBundle, question) -> tuple[
     """(prompt, encoded inputs, option token ids) of one question of a bundle, exactly as
     :func:`~worker.model.engine.run_bundle` builds them (full set of the question's views)."""
     pil = {im.key: im.to_pil() for im in bundle.images}
-    images = question_mosaic(pil, bundle.images_for(question.views))
+    images = question_mosaic(pil, bundle.question_images(question), question.zoom)
     return engine.option_inputs(images, question_text(bundle, question), question.option_texts)
 
 
@@ -216,7 +216,7 @@ def build_examples(engine: Engine, bundles: dict[str, AnalysisBundle], labels, b
             raise ValueError(f"label {lab.study_instance_uid} {lab.finding}={lab.answer!r}: not an option "
                              f"({', '.join(q.options)})")
         pil = pil_cache.setdefault(lab.study_instance_uid, {im.key: im.to_pil() for im in bundle.images})
-        images = question_mosaic(pil, bundle.images_for(q.views))
+        images = question_mosaic(pil, bundle.question_images(q), q.zoom)
         prompt, inputs, conts = engine.option_inputs(images, question_text(bundle, q), q.option_texts)
         examples.append(Example(lab.study_instance_uid, q.id, q.options.index(lab.answer), list(q.options),
                                 prompt, inputs, conts))
