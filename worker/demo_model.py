@@ -52,7 +52,7 @@ _MARKER = "cmr_ai_demo.json"  # written last: its presence means the build finis
 _DEMO_VERSION = 1
 # Bump when the trained demo's recipe (data, training) changes; a cache without
 # ``"trained": true`` in its marker (an older random build) is rebuilt too.
-_TRAINED_VERSION = 4  # 4: lv_systolic_function judged on the mid SAX slice cropped to the LV (zoom: lv)
+_TRAINED_VERSION = 6  # 6: lv_systolic_function judged on the mid SAX slice cropped tight to the LV (zoom: lv, ROI_SCALE 1.6)
 
 #: How the default demo model is trained (see build_trained_demo_model).
 #: 160 default-size phantoms (what `cmr-ai demo` sends; written in 2 processes), their
