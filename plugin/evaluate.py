@@ -28,7 +28,6 @@ import html
 import io
 import json
 import logging
-import os
 import shlex
 import sys
 import time
@@ -169,32 +168,23 @@ def summary(values: Sequence[float]) -> dict[str, Optional[float]]:
 
 def find_studies(folder: str | Path) -> tuple[dict[str, list[str]], int]:
     """Every DICOM file under ``folder`` (recursive, any name) grouped by StudyInstanceUID,
-    in sorted path order; also the number of files skipped as not DICOM."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    in sorted path order; also the number of files skipped as not DICOM (or without a
+    StudyInstanceUID)."""
+    from plugin.routing import scan_dicom
 
-    root = Path(folder)
-    if not root.is_dir():
-        raise EvalError(f"{folder}: not a folder")
+    try:
+        found, skipped = scan_dicom(folder, ["StudyInstanceUID"])
+    except (FileNotFoundError, NotADirectoryError):
+        raise EvalError(f"{folder}: not a folder") from None
     studies: dict[str, list[str]] = {}
-    skipped = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = os.path.join(dirpath, name)
-            if not os.path.isfile(p):
-                continue
-            try:
-                ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-            except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError):
-                skipped += 1
-                continue
-            uid = str(ds.get("StudyInstanceUID", "") or "")
-            if uid:
-                studies.setdefault(uid, []).append(p)
-            else:
-                skipped += 1
-    return studies, skipped
+    missing = 0
+    for p, ds in found:
+        uid = str(ds.get("StudyInstanceUID", "") or "")
+        if uid:
+            studies.setdefault(uid, []).append(p)
+        else:
+            missing += 1
+    return studies, len(skipped) + missing
 
 
 def check_labels(path: str | Path, questions) -> dict[str, dict[str, str]]:

@@ -149,6 +149,44 @@ def read_series_headers(groups: Iterable[Sequence[str | os.PathLike]], tries: in
     return out
 
 
+def scan_dicom(folder: str | os.PathLike, tags: Sequence[str]) -> tuple[list[tuple[str, Dataset]], list[str]]:
+    """Every DICOM file under ``folder`` (recursive, any name, sorted path order, linked
+    folders followed once), with a header of just ``tags``; and the files skipped as not DICOM. The one folder walk that
+    ``cmr-ai rules test``, ``cmr-ai eval`` and ``cmr-ai train`` share.
+
+    Raises
+    ------
+    FileNotFoundError, NotADirectoryError
+        When ``folder`` is not a directory.
+    """
+    root = Path(folder)
+    if not root.exists():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{folder}: not a folder")
+    found: list[tuple[str, Dataset]] = []
+    skipped: list[str] = []
+    seen: set[str] = set()  # linked folders are followed, each real folder once (no link loops)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = os.path.join(dirpath, name)
+            if not os.path.isfile(p):
+                continue
+            try:
+                ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=list(tags))
+            except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError):
+                skipped.append(p)
+                continue
+            found.append((p, ds))
+    return found, skipped
+
+
 def dicom_files(folder: str | os.PathLike) -> tuple[dict[str, list[str]], list[str], list[str]]:
     """A folder's DICOM files grouped by series, searched recursively in sorted order.
 
@@ -162,30 +200,14 @@ def dicom_files(folder: str | os.PathLike) -> tuple[dict[str, list[str]], list[s
     FileNotFoundError, NotADirectoryError
         When ``folder`` is not a directory.
     """
-    root = Path(folder)
-    if not root.exists():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    if not root.is_dir():
-        raise NotADirectoryError(f"{folder}: not a folder")
     groups: dict[str, list[str]] = {}
     studies: list[str] = []
-    skipped: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = os.path.join(dirpath, name)
-            if not os.path.isfile(p):
-                continue
-            try:
-                ds = pydicom.dcmread(p, stop_before_pixels=True,
-                                     specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
-            except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError):
-                skipped.append(p)
-                continue
-            uid = str(ds.get("StudyInstanceUID", "") or "")
-            if uid and uid not in studies:
-                studies.append(uid)
-            groups.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append(p)
+    found, skipped = scan_dicom(folder, ["StudyInstanceUID", "SeriesInstanceUID"])
+    for p, ds in found:
+        uid = str(ds.get("StudyInstanceUID", "") or "")
+        if uid and uid not in studies:
+            studies.append(uid)
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append(p)
     return groups, studies, skipped
 
 

@@ -670,3 +670,35 @@ def test_an_export_to_a_destination_this_process_does_not_know_is_retried_not_de
         assert {r.state for r in rows} == {db.ExportState.PENDING} and {r.attempts for r in rows} == {1}
         assert all("'pacs' is not configured in this process" in r.last_error for r in rows)
         assert s.scalar(select(db.Job)).state == db.JobState.EXPORTING
+
+
+def test_scan_dicom_follows_linked_folders_once_and_counts_non_dicom(tmp_path):
+    """The folder walk of `rules test`, `eval` and `train`: linked folders are read, a link
+    back up the tree does not loop, non-DICOM files are reported as skipped."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from plugin.routing import scan_dicom
+
+    def write(path, study):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    write(root / "a" / "one.dcm", "1.2.3")
+    write(outside / "two", "1.2.4")                       # no extension: still DICOM
+    (root / "notes.txt").write_text("not DICOM")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)
+    found, skipped = scan_dicom(root, ["StudyInstanceUID"])
+    assert sorted(str(ds.StudyInstanceUID) for _, ds in found) == ["1.2.3", "1.2.4"]
+    assert skipped == [str(root / "notes.txt")]
+    with pytest.raises(NotADirectoryError):
+        scan_dicom(root / "notes.txt", ["StudyInstanceUID"])

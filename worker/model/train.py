@@ -103,26 +103,11 @@ class Example:
 
 
 def find_studies(data_dir: Path | str) -> dict[str, list[str]]:
-    """StudyInstanceUID → the DICOM files of that study, for every DICOM file below ``data_dir``."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    """StudyInstanceUID → the DICOM files of that study, for every DICOM file below ``data_dir``
+    (the walk ``cmr-ai eval`` uses: :func:`plugin.evaluate.find_studies`)."""
+    from plugin.evaluate import find_studies as _find
 
-    studies: dict[str, list[str]] = {}
-    for root, _dirs, files in os.walk(data_dir, followlinks=True):
-        for name in sorted(files):
-            p = os.path.join(root, name)
-            if name.endswith((".json", ".csv", ".txt", ".md", ".png", ".pt")):
-                continue
-            try:
-                ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-            except (InvalidDicomError, OSError, ValueError, EOFError):
-                continue
-            uid = str(getattr(ds, "StudyInstanceUID", "") or "")
-            if uid:
-                studies.setdefault(uid, []).append(p)
-    for paths in studies.values():
-        paths.sort()
-    return studies
+    return _find(data_dir)[0]
 
 
 def _template(name: str, templates_dir=None):
