@@ -141,7 +141,8 @@ def infer(self, bundle_data: dict) -> dict:
         from worker.model.engine import get_engine, load_calibration, run_bundle
 
         mc = settings.models[bundle.model]
-        engine = get_engine(resolve_model_path(mc.path), quantization=mc.quantization, adapter=mc.adapter)
+        engine = get_engine(resolve_model_path(mc.path), quantization=mc.quantization, device=mc.device,
+                            adapter=mc.adapter)
         result = run_bundle(engine, bundle, bundle.model, calibration=load_calibration(mc.calibration))
         from plugin.reports.template import load_template
         from worker.safety import apply_safety
