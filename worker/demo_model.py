@@ -22,6 +22,7 @@ afterwards; ``"demo-random"`` is the untrained random model in ``<cache>/demo-ra
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -139,6 +140,21 @@ AI draft; preliminary; unverified; please verify; critical finding.
 0 1 2 3 4 5 6 7 8 9 10 12 15 20 25 30 35 40 45 50 55 60 65 70 75 80 90 100
 . , ; : ? ! ( ) [ ] - / + = < > ' " * _
 """
+
+
+@contextlib.contextmanager
+def quiet_hf_bars():
+    """transformers' own tqdm bars ("Loading weights", "Writing model shards") off while our
+    Bars show the progress; the previous setting comes back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def models_cache_dir() -> Path:
@@ -355,7 +371,8 @@ def build_demo_model(out_dir: Path | str | None = None, seed: int = 0, image_siz
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
     try:
-        _build(tmp, seed, image_size, patch_size, vision_hidden, vision_layers)
+        with quiet_hf_bars():
+            _build(tmp, seed, image_size, patch_size, vision_hidden, vision_layers)
         # mkdtemp makes the directory 0700: open it up like any other cache entry.
         umask = os.umask(0)
         os.umask(umask)

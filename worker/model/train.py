@@ -335,10 +335,13 @@ def train(data_dir: Path | str, out_dir: Path | str, *, base: Path | str | None 
     bars:
         A :class:`plugin.progress.Bars` (or None).
     """
+    from worker.demo_model import quiet_hf_bars
+
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(data_dir, out_dir, base=base, config=config, val_dir=val_dir, resume=resume,
-                      stop_after=stop_after, bars=bars, templates_dir=templates_dir)
+        with quiet_hf_bars():
+            return _train(data_dir, out_dir, base=base, config=config, val_dir=val_dir, resume=resume,
+                          stop_after=stop_after, bars=bars, templates_dir=templates_dir)
     finally:  # the caller's process (e.g. ``cmr-ai demo`` building its model) gets its setting back
         torch.use_deterministic_algorithms(deterministic)
 
