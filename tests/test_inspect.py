@@ -92,7 +92,7 @@ def test_views_phases_slices_and_json(studies, style, capsys):
                                        "n_slices", "n_phases", "n_frames", "ed_phase", "es_phase", "es_method",
                                        "chosen_slices", "used", "reasons"]
     assert list(data["images"][0]) == ["key", "view", "phase", "label", "series_instance_uid", "series_number",
-                                       "sop_instance_uid", "frame_number"]
+                                       "sop_instance_uid", "frame_number", "roi"]
     js = {s["series_instance_uid"]: s for s in data["series"]}
     for view, uid in truth.series.items():
         assert js[uid]["view"] == view
@@ -202,6 +202,15 @@ def test_contact_sheet(studies, tmp_path, capsys):
         x = SHEET_MARGIN + c * (SHEET_TILE + SHEET_GAP)
         y = SHEET_HEADER + r * (SHEET_TILE + SHEET_LABEL + SHEET_GAP)
         assert arr[y:y + SHEET_TILE, x:x + SHEET_TILE].std() > 10, i
+    # the LV square a `zoom: lv` question crops to: on every SAX image, drawn on its tile
+    assert all((i.roi is not None) == (i.view == "SAX") for i in report.images)
+    first = report.images[0]
+    assert first.view == "SAX"
+    scale = SHEET_TILE / report.bundle_images[0].to_pil().width
+    left, top, right, bottom = first.roi
+    edge = arr[SHEET_HEADER + int(top * scale) + 2:SHEET_HEADER + int(bottom * scale) - 2,
+               SHEET_MARGIN + int(round(left * scale))]
+    assert len(edge) > 10 and (edge == 255).all(), edge
     small = render_contact_sheet(report.bundle_images[:5], tmp_path / "five.png", tile=64, study_uid="1.2.3")
     assert Image.open(small).size == contact_sheet_size(5, tile=64)
     with pytest.raises(ValueError, match="images"):

@@ -110,6 +110,9 @@ class ImageReport(BaseModel):
     series_number: Optional[int]
     sop_instance_uid: str
     frame_number: Optional[int]  # 1-based, multi-frame objects only
+    #: the LV square (left, top, right, bottom) in the image's pixels that a ``zoom: lv``
+    #: question crops this image to (SAX images where a blood pool was found); else None
+    roi: Optional[tuple[int, int, int, int]] = None
 
 
 class StudyReport(BaseModel):
@@ -442,7 +445,8 @@ def inspect_study(study_dir: str | os.PathLike, *, size: int = 224,
         images=[ImageReport(key=im.key, view=im.view, phase=im.phase, label=im.label,
                             series_instance_uid=im.source.series_instance_uid,
                             series_number=numbers.get(im.source.series_instance_uid),
-                            sop_instance_uid=im.source.sop_instance_uid, frame_number=im.source.frame_number)
+                            sop_instance_uid=im.source.sop_instance_uid, frame_number=im.source.frame_number,
+                            roi=im.roi)
                 for im in images],
         error=error,
         bundle_images=images,
@@ -513,13 +517,18 @@ def render_contact_sheet(images: Sequence[BundleImage], out_path: str | os.PathL
     draw = ImageDraw.Draw(sheet)
     big, small = _font(14), _font(11)
     draw.text((SHEET_MARGIN, 4), title, fill=255, font=big)
-    draw.text((SHEET_MARGIN, 22), f"Study {study_uid or '?'}  ·  {len(images)} images", fill=190, font=small)
+    boxes = "  ·  box: the LV square a zoom: lv question crops to" if any(im.roi for im in images) else ""
+    draw.text((SHEET_MARGIN, 22), f"Study {study_uid or '?'}  ·  {len(images)} images{boxes}", fill=190, font=small)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         x = SHEET_MARGIN + c * (tile + SHEET_GAP)
         y = SHEET_HEADER + r * (tile + SHEET_LABEL + SHEET_GAP)
         pic = Image.open(io.BytesIO(base64.b64decode(im.png_b64))).convert("L")
         sheet.paste(pic.resize((tile, tile), Image.Resampling.LANCZOS), (x, y))
+        if im.roi is not None:  # the square a `zoom: lv` question crops to
+            sx, sy = tile / pic.width, tile / pic.height
+            left, top, right, bottom = im.roi
+            draw.rectangle((x + left * sx, y + top * sy, x + right * sx - 1, y + bottom * sy - 1), outline=255)
         number = series_numbers.get(im.source.series_instance_uid)
         where = f"series {number}" if number is not None else f"series …{im.source.series_instance_uid[-8:]}"
         if im.source.frame_number is not None:
@@ -569,6 +578,7 @@ def print_report(report: StudyReport, console=None) -> None:
         ("Limitations", list(report.limitations)),
         ("What the model sees", [f"{i.key}: series {i.series_number}, SOP {i.sop_instance_uid}"
                                  + (f", frame {i.frame_number}" if i.frame_number is not None else "")
+                                 + (f", LV square {i.roi}" if i.roi is not None else "")
                                  for i in report.images]),
     )
     for heading, lines in sections:
