@@ -151,8 +151,8 @@ def read_series_headers(groups: Iterable[Sequence[str | os.PathLike]], tries: in
 
 def scan_dicom(folder: str | os.PathLike, tags: Sequence[str]) -> tuple[list[tuple[str, Dataset]], list[str]]:
     """Every DICOM file under ``folder`` (recursive, any name, sorted path order, linked
-    folders followed once), with a header of just ``tags``; and the files skipped as not DICOM. The one folder walk that
-    ``cmr-ai rules test``, ``cmr-ai eval`` and ``cmr-ai train`` share.
+    folders followed once), with a header of just ``tags``; and the files skipped as not
+    DICOM. The one folder walk that ``cmr-ai rules test``, ``eval`` and ``train`` share.
 
     Raises
     ------

@@ -346,13 +346,6 @@ def critical_findings(result: InferenceResult, template: "Template") -> list[tup
 # --------------------------------------------------------------------------- probe
 
 
-def _question_images(bundle: AnalysisBundle, pil: dict[str, Any], question: Any) -> list[Any]:
-    """The one labelled mosaic :func:`worker.model.engine.run_bundle` shows for this question."""
-    from worker.model.engine import question_mosaic
-
-    return question_mosaic(pil, bundle.question_images(question), question.zoom)
-
-
 def image_dependence_probe(
     engine: Any,
     bundle: AnalysisBundle,
@@ -384,14 +377,14 @@ def image_dependence_probe(
     """
     from PIL import Image as PILImage
 
-    from worker.model.engine import question_text
+    from worker.model.engine import question_mosaic, question_text
 
     t0 = time.perf_counter()
     pil = {im.key: im.to_pil() for im in bundle.images}
     ref = {f.id: f.probabilities for f in reference.findings} if reference is not None else {}
     per: dict[str, float] = {}
     for q in bundle.questions:
-        images = _question_images(bundle, pil, q)
+        images = question_mosaic(pil, bundle.question_images(q), q.zoom)  # what run_bundle shows
         if not images:
             continue
         text = question_text(bundle, q)  # with the clinical context, as run_bundle asks it

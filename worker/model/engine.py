@@ -732,9 +732,8 @@ def question_mosaic(pil: dict, chosen: Sequence[Any], zoom: str = "") -> list["I
     imgs = []
     for im in chosen:
         img = pil[im.key]
-        roi = getattr(im, "roi", None)
-        if zoom == "lv" and roi is not None:
-            img = img.crop(tuple(roi))
+        if zoom == "lv" and im.roi is not None:
+            img = img.crop(tuple(im.roi))
         imgs.append(img)
     return [tile(imgs, labels=[im.label for im in chosen])]
 
